@@ -1,0 +1,166 @@
+"""``TRegConfig``: ``transformers.TrainingArguments`` + the T-REG method fields (docs/training.md).
+
+Names shared with TRL 1.16 ``DPOConfig`` mean the same thing there and here: ``beta``,
+``max_length`` (default 1024), ``truncation_mode`` (``keep_start`` default | ``keep_end``),
+``precompute_ref_log_probs``, ``precompute_ref_batch_size``, ``disable_dropout``,
+``learning_rate`` (default 1e-6) and ``logging_steps`` (default 10). Differences from DPOConfig:
+``precompute_ref_log_probs`` defaults to True (the reference is never held in memory), and
+``bf16`` / ``gradient_checkpointing`` keep the TrainingArguments defaults (off) so that a CPU run
+works out of the box. ``remove_unused_columns`` defaults to False (the collator needs every column).
+
+:func:`parse_config` reads a YAML file and applies command-line overrides on top of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from treg.errors import TregError
+
+METHODS = ("dpo", "simpo")
+WEIGHTINGS = ("sequence", "static")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _f(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TRegConfig(TrainingArguments):
+    """TrainingArguments plus the method, data, reference, PEFT and model-loading fields."""
+
+    # -- overridden TrainingArguments defaults (see module docstring)
+    learning_rate: float = _f(1e-6, "Initial AdamW learning rate (DPOConfig default 1e-6).")
+    logging_steps: float = _f(10, "Log every X update steps (int, or a float in [0, 1) = ratio of all steps).")
+    remove_unused_columns: bool = _f(False, "Keep False: the pair collator needs every dataset column.")
+
+    # -- model and data
+    model_name_or_path: str | None = _f(None, "Policy model to train (local directory or hub id); the "
+                                              "reference is this model before training.")
+    dtype: str = _f("auto", "dtype the model weights are loaded in (mixed precision is bf16/fp16).",
+                    choices=list(DTYPES))
+    dataset_path: str | None = _f(None, "Annotated training dataset directory (written by 'treg annotate').")
+    eval_dataset_path: str | None = _f(None, "Annotated evaluation dataset directory (optional).")
+    max_length: int | None = _f(1024, "Max tokens of prompt + response per sequence; longer ones are cut "
+                                      "as in TRL DPOConfig (see truncation_mode). None: no truncation.")
+    truncation_mode: str = _f("keep_start", "keep_start: keep the first max_length tokens (pairs whose prompt "
+                                            "fills max_length are dropped); keep_end: keep the last ones.",
+                              choices=["keep_start", "keep_end"])
+    pad_to_multiple_of: int | None = _f(None, "Pad batch length to a multiple of this (e.g. 8 on tensor cores).")
+
+    # -- the method (METHOD.md §3-§5)
+    method: str = _f("dpo", "Pairwise loss: dpo (with reference) or simpo (reference-free, length-normalised).",
+                     choices=list(METHODS))
+    beta: float = _f(0.1, "beta: scale of the implicit reward (DPO 0.1 typical; SimPO uses e.g. 2-10).")
+    gamma: float = _f(0.0, "SimPO target margin gamma (absolute, not gamma/beta); ignored for dpo.")
+    alpha: float = _f(0.25, "Weight of the token-level regularizer L_REG (0 = plain DPO/SimPO; the paper "
+                            "searches 0.1, 0.25, 0.5).")
+    weighting: str = _f("sequence", "sequence: w = stopgrad(sigmoid(-z)) per pair (the paper); static: w = 1.",
+                        choices=list(WEIGHTINGS))
+
+    # -- reference log-probs
+    precompute_ref_log_probs: bool = _f(True, "Compute reference log-probs once before training (when the data "
+                                              "lacks them) so only the policy is held in memory. False: score "
+                                              "the reference every step (PEFT: adapters off; else a frozen copy).")
+    precompute_ref_batch_size: int | None = _f(None, "Batch size of the reference pass (default: "
+                                                     "per_device_eval_batch_size).")
+    logprob_chunk_size: int = _f(512, "Sequence chunk for log-probs: the (B, T, V) float32 logits are never "
+                                      "built whole.")
+    disable_dropout: bool = _f(True, "Turn dropout off in the policy (as TRL DPOConfig does).")
+
+    # -- PEFT / LoRA
+    use_peft: bool = _f(False, "Train a LoRA adapter instead of all weights (needs 'peft').")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA scaling alpha.")
+    lora_dropout: float = _f(0.0, "LoRA dropout (forced to 0 when disable_dropout is set).")
+    lora_target_modules: list[str] | None = _f(None, "Module names to adapt (default: all linear layers "
+                                                     "except the LM head).")
+
+    def __post_init__(self):
+        checks = [
+            (self.method in METHODS, "method", f"unknown method '{self.method}' (choose {', '.join(METHODS)})"),
+            (self.weighting in WEIGHTINGS, "weighting",
+             f"unknown weighting '{self.weighting}' (choose {', '.join(WEIGHTINGS)})"),
+            (self.dtype in DTYPES, "dtype", f"unknown dtype '{self.dtype}' (choose {', '.join(DTYPES)})"),
+            (self.truncation_mode in ("keep_start", "keep_end"), "truncation_mode",
+             f"unknown truncation_mode '{self.truncation_mode}' (choose keep_start, keep_end)"),
+            (self.alpha >= 0, "alpha", f"alpha must be >= 0, got {self.alpha}"),
+            (self.beta > 0, "beta", f"beta must be > 0, got {self.beta}"),
+            (self.gamma >= 0, "gamma", f"gamma must be >= 0, got {self.gamma}"),
+            (self.max_length is None or self.max_length >= 2, "max_length",
+             f"max_length must be >= 2, got {self.max_length}"),
+            (self.logprob_chunk_size >= 1, "logprob_chunk_size", "logprob_chunk_size must be >= 1"),
+            (self.lora_r >= 1, "lora_r", "lora_r must be >= 1"),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise TregError(message, field=name)
+        if self.lora_target_modules is None and self.use_peft:
+            self.lora_target_modules = ["all-linear"]
+        super().__post_init__()
+
+
+class _Parser(HfArgumentParser):
+    """An HfArgumentParser whose errors are TregErrors (one line, exit 2) instead of usage dumps."""
+
+    def error(self, message):
+        raise TregError(message)
+
+
+def config_parser(prog: str = "treg train") -> HfArgumentParser:
+    """The parser behind ``treg train``: every TRegConfig field as ``--name`` with its help text."""
+    parser = _Parser(TRegConfig, prog=prog, description="Train DPO/SimPO with token-level reward "
+                     "regularization (T-REG). Options come from --config YAML, then the command line.")
+    parser.add_argument("--config", default=None, help="YAML file of TRegConfig fields; command-line "
+                        "options override it.")
+    return parser
+
+
+def parse_config(argv: list[str], prog: str = "treg train") -> TRegConfig:
+    """``--config run.yaml`` (optional) then ``--field value`` overrides -> a validated TRegConfig.
+
+    Unknown YAML keys, unreadable YAML and invalid values raise :class:`TregError` naming the
+    file and key.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    parser = config_parser(prog)
+    from_yaml = load_yaml(known.config) if known.config else {}
+    parser.set_defaults(**from_yaml)
+    try:
+        config = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)[0]
+    except TregError as err:
+        if err.file is None and err.field in from_yaml and f"--{err.field}" not in argv:
+            raise TregError(err.bare_message, file=known.config, field=err.field) from None
+        raise
+    except (ValueError, TypeError) as err:
+        raise TregError(str(err).splitlines()[0], file=known.config) from None
+    return config
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML mapping of TRegConfig fields; TregError on a missing file, bad YAML or unknown key."""
+    import yaml
+    p = Path(path)
+    if not p.is_file():
+        raise TregError("no such config file", file=path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise TregError(f"invalid YAML{where}", file=path) from None
+    if not isinstance(data, dict):
+        raise TregError("expected a mapping of option: value", file=path)
+    names = {f.name for f in dataclasses.fields(TRegConfig) if f.init}
+    for key in data:
+        if key not in names:
+            raise TregError("unknown option (see 'treg train --help')", file=path, field=str(key))
+    return data
