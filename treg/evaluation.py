@@ -1,0 +1,229 @@
+"""Benchmark output files and pairwise win rates.
+
+Output formats written by ``treg generate`` (one record per prompt):
+
+- ``alpaca_eval``: one JSON list ``[{"instruction", "output", "generator", "dataset"}]`` — what
+  AlpacaEval 2 reads as ``--model_outputs`` (its loader is ``pandas.read_json`` on the file).
+- ``arena_hard``: JSON Lines in Arena-Hard-Auto's model-answer schema (``gen_answer.py``):
+  ``{"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [{"content",
+  "token_len"}]}], "tstamp", "conv_metadata": {"token_len", "header_count", "list_count",
+  "bold_count"}}``. ``token_len`` counts tokens of *our* tokenizer (Arena-Hard uses tiktoken's
+  gpt-3.5 encoding; it only enters its optional style control).
+- ``jsonl``: ``{"prompt_id", "prompt", "output", "generator", "n_tokens", "finish_reason"}`` per line.
+
+Win rates (:func:`win_rate_stats`): per paired prompt the outcome is 1 (A's score > B's), 0.5 (tie)
+or 0; the win rate is their mean, with a percentile-bootstrap 95% interval over prompts. The
+length-controlled win rate fits ``P(A wins) = sigmoid(b0 + b1 * tanh(d / sd(d)))`` with ``d`` the
+difference of output lengths in characters (A - B), by maximum likelihood (Newton's method, ties as
+two half-weighted observations), and reports ``sigmoid(b0)``: the predicted win rate at zero length
+difference. This follows the length term of AlpacaEval-LC's GLM, without its per-instruction terms.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from treg.errors import TregError
+from treg.meta import stable_hash
+
+FORMATS = ("alpaca_eval", "arena_hard", "jsonl")
+
+
+# --------------------------------------------------------------------------- writing
+
+def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def markdown_counts(text: str) -> dict:
+    """Markdown element counts in Arena-Hard's ``conv_metadata`` layout (code blocks excluded)."""
+    text = re.sub(r"```[^`]*```", "", text)
+    return {
+        "header_count": {f"h{k}": len(re.findall(rf"^#{{{k}}}\s", text, re.MULTILINE)) for k in range(1, 7)},
+        "list_count": {"ordered": len(re.findall(r"^\s*\d+\.\s", text, re.MULTILINE)),
+                       "unordered": len(re.findall(r"^\s*[-*+]\s", text, re.MULTILINE))},
+        "bold_count": {"**": len(re.findall(r"\*\*[^*\n]+\*\*", text)),
+                       "__": len(re.findall(r"__[^_\n]+__", text))},
+    }
+
+
+def prompt_text(prompt) -> str:
+    """The instruction text of a prompt: the string itself, or the last user message's content."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else str(prompt[-1]["content"])
+
+
+def format_records(records: Sequence[dict], fmt: str, generator: str) -> str:
+    """Serialise generated records into the text of a benchmark file.
+
+    Each record: ``prompt`` (str or messages), ``prompt_id`` (str), ``output`` (str), ``n_tokens``
+    (int), ``finish_reason`` (str) and optionally ``dataset`` (str, AlpacaEval's subset name).
+    """
+    if fmt == "alpaca_eval":
+        rows = [{"instruction": prompt_text(r["prompt"]), "output": r["output"], "generator": generator,
+                 "dataset": r.get("dataset") or "treg"} for r in records]
+        return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
+    if fmt == "arena_hard":
+        now = time.time()
+        lines = []
+        for r in records:
+            lines.append(json.dumps({
+                "question_id": r["prompt_id"],
+                "answer_id": stable_hash([generator, r["prompt_id"], r["output"]]),
+                "model_id": generator,
+                "choices": [{"index": 0, "turns": [{"content": r["output"], "token_len": r["n_tokens"]}]}],
+                "tstamp": now,
+                "conv_metadata": {"token_len": r["n_tokens"], **markdown_counts(r["output"])},
+            }, ensure_ascii=False))
+        return "\n".join(lines) + "\n"
+    if fmt == "jsonl":
+        return "".join(json.dumps({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "output": r["output"],
+                                   "generator": generator, "n_tokens": r["n_tokens"],
+                                   "finish_reason": r["finish_reason"]}, ensure_ascii=False) + "\n"
+                       for r in records)
+    raise TregError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def write_outputs(records: Sequence[dict], path: str, fmt: str, generator: str, meta: dict) -> None:
+    """Write a benchmark file atomically, plus ``<path>.treg_meta.json`` (meta incl. fingerprint)."""
+    _atomic_write_text(path, format_records(records, fmt, generator))
+    from treg import __version__
+    _atomic_write_text(f"{path}.treg_meta.json",
+                       json.dumps({"treg_version": __version__, **meta}, indent=2, sort_keys=True, default=str))
+
+
+# --------------------------------------------------------------------------- reading
+
+def read_outputs(path: str, *, questions: str | None = None) -> dict[str, dict]:
+    """Read a benchmark file (any of :data:`FORMATS`, detected from its content) into
+    ``{key: {"prompt": str | messages, "output": str}}``, keyed by instruction text (AlpacaEval, and
+    JSONL rows), or by ``question_id`` (Arena-Hard, whose prompts come from ``questions``: its
+    ``question.jsonl`` with ``turns[0].content``)."""
+    p = Path(path)
+    if not p.exists():
+        raise TregError("no such file", file=path)
+    text = p.read_text(encoding="utf-8")
+    out: dict[str, dict] = {}
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TregError(f"unreadable JSON ({err.msg} at line {err.lineno})", file=path) from None
+        for i, r in enumerate(rows):
+            for f in ("instruction", "output"):
+                if not isinstance(r, dict) or not isinstance(r.get(f), str):
+                    raise TregError("missing or non-string field", file=path, row=i, field=f)
+            out[r["instruction"]] = {"prompt": r["instruction"], "output": r["output"]}
+        return out
+    qtext = _read_questions(questions) if questions else {}
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TregError(f"malformed JSON line ({err.msg})", file=path, row=i) from None
+        if "choices" in r:  # Arena-Hard model answer
+            qid = str(r.get("question_id"))
+            try:
+                output = r["choices"][0]["turns"][-1]["content"]
+            except (KeyError, IndexError, TypeError):
+                raise TregError("no choices[0].turns[-1].content", file=path, row=i, field="choices") from None
+            if qid not in qtext:
+                raise TregError("question_id not found in --questions (Arena-Hard answers carry no prompt)",
+                                file=path, row=i, field="question_id")
+            out[qid] = {"prompt": qtext[qid], "output": output}
+        else:
+            for f in ("prompt", "output"):
+                if f not in r:
+                    raise TregError("missing field", file=path, row=i, field=f)
+            out[prompt_text(r["prompt"])] = {"prompt": r["prompt"], "output": r["output"]}
+    return out
+
+
+def _read_questions(path: str) -> dict[str, str]:
+    q = {}
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        if line.strip():
+            try:
+                r = json.loads(line)
+                q[str(r["question_id"])] = r["turns"][0]["content"]
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+                raise TregError("need question_id and turns[0].content", file=path, row=i) from None
+    return q
+
+
+# --------------------------------------------------------------------------- statistics
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, *, iters: int = 50) -> tuple[float, float]:
+    """Weighted maximum-likelihood logistic regression ``P(y=1) = sigmoid(b0 + b1 x)`` by Newton's
+    method (a tiny ridge of 1e-6 keeps the Hessian invertible). Returns ``(b0, b1)``."""
+    X = np.stack([np.ones_like(x), x], axis=1)
+    b = np.zeros(2)
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(X @ b)))
+        grad = X.T @ (w * (y - p)) - 1e-6 * b
+        hess = (X * (w * p * (1 - p))[:, None]).T @ X + 1e-6 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        b = b + step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return float(b[0]), float(b[1])
+
+
+def length_controlled_win_rate(outcome: np.ndarray, len_diff: np.ndarray) -> tuple[float, str]:
+    """Win rate at zero length difference (see module docstring). Returns ``(rate, note)``; when every
+    outcome is the same (no contrast to fit) the raw win rate is returned and the note says so."""
+    outcome = np.asarray(outcome, dtype=float)
+    if np.all(outcome == outcome[0]) and outcome[0] in (0.0, 1.0):
+        return float(outcome.mean()), "all outcomes equal: LC = raw win rate"
+    sd = float(np.std(len_diff))
+    x = np.tanh(np.asarray(len_diff, float) / sd) if sd > 0 else np.zeros(len(outcome))
+    # a tie counts as half a win and half a loss: two observations of weight 0.5
+    xs = np.concatenate([x, x])
+    ys = np.concatenate([np.ones_like(outcome), np.zeros_like(outcome)])
+    ws = np.concatenate([outcome, 1.0 - outcome])
+    b0, _ = fit_logistic(xs, ys, ws)
+    return 1.0 / (1.0 + math.exp(-b0)), "logistic fit on tanh(length diff / sd)"
+
+
+def win_rate_stats(scores_a: Sequence[float], scores_b: Sequence[float], len_a: Sequence[int],
+                   len_b: Sequence[int], *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Paired win rate of A over B with a bootstrap 95% interval and the length-controlled rate.
+
+    All inputs are aligned per prompt (equal length n >= 1). Rates are percentages.
+    """
+    a, b = np.asarray(scores_a, float), np.asarray(scores_b, float)
+    if len(a) == 0:
+        raise TregError("no paired prompts to compare")
+    outcome = np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
+    rng = np.random.default_rng(seed)
+    boots = outcome[rng.integers(0, len(outcome), size=(n_boot, len(outcome)))].mean(axis=1)
+    lc, note = length_controlled_win_rate(outcome, np.asarray(len_a, float) - np.asarray(len_b, float))
+    return {"n": int(len(a)), "wins": int((outcome == 1).sum()), "ties": int((outcome == 0.5).sum()),
+            "losses": int((outcome == 0).sum()), "win_rate": 100 * float(outcome.mean()),
+            "ci95_low": 100 * float(np.percentile(boots, 2.5)),
+            "ci95_high": 100 * float(np.percentile(boots, 97.5)),
+            "lc_win_rate": 100 * lc, "lc_note": note,
+            "mean_chars_a": float(np.mean(len_a)), "mean_chars_b": float(np.mean(len_b)),
+            "mean_score_a": float(a.mean()), "mean_score_b": float(b.mean())}
