@@ -36,12 +36,12 @@ def test_resume_refuse_overwrite_and_finalize(tmp_path):
         _writer(out, settings={"a": 2})
     for i in w2.pending_shards():
         w2.write(i, _rows(i))
-    path = w2.finalize({"stage": "test"})
+    path = w2.finalize(lambda ds: {"stage": "test", "n": len(ds)})
     ds = datasets.load_from_disk(str(path))
     assert ds["i"] == [0, 1, 10, 11, 20, 21, 30, 31]  # index order, not write order
     assert ds.features == FEATURES
     meta = read_meta(path)
-    assert meta["stage"] == "test" and meta["fingerprint"] == w2.fingerprint
+    assert meta["stage"] == "test" and meta["n"] == 8 and meta["fingerprint"] == w2.fingerprint
     assert not (out / ".shards").exists()
     assert _writer(out).complete and _writer(out).pending_shards() == []
     with pytest.raises(TregError, match="finished dataset"):

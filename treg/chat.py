@@ -9,7 +9,8 @@ Public API (stable; reused by ``treg sample`` / ``treg score``):
   ``[{"role": "user", "content": s}]``; a list of ``{role, content}`` string dicts is validated.
 * ``read_prompts(source, split="train") -> list[Prompt]`` -- rows with ``prompt`` (string or
   messages) or ``messages`` (a conversation ending with a non-assistant turn).
-* ``read_preference_rows(source, split="train") -> list[PreferenceRow]`` -- TRL's preference
+* ``read_preference_rows(source, split="train") -> list[PreferenceRow]`` (and ``preference_rows(
+  records)`` for in-memory dicts) -- TRL's preference
   formats: standard (``prompt``/``chosen``/``rejected`` strings), conversational (``prompt`` as
   messages, ``chosen``/``rejected`` as message lists whose final turn is the assistant's) and
   implicit-prompt conversational (no ``prompt``; the shared prefix of ``chosen``/``rejected`` is it).
@@ -171,6 +172,12 @@ def _split_response(value, *, file: str, row: int, field: str) -> tuple[list[dic
 def read_preference_rows(source: str | os.PathLike, split: str = "train") -> list[PreferenceRow]:
     """Preference pairs in any of TRL's formats (see module docstring); raises TregError on bad rows."""
     records, label = read_records(source, split)
+    return preference_rows(records, label)
+
+
+def preference_rows(records, label: str = "<rows>") -> list[PreferenceRow]:
+    """In-memory records (dicts, or ``(row_number, dict)`` pairs) -> validated ``PreferenceRow``s."""
+    records = [r if isinstance(r, tuple) else (i, r) for i, r in enumerate(records, 1)]
     if not records:
         raise TregError("no rows", file=label)
     out = []

@@ -180,14 +180,18 @@ class ShardedWriter:
                 os.unlink(tmp)
 
     # --------------------------------------------------------------------------------- finalize
-    def finalize(self, meta: dict) -> Path:
-        """Barrier, then rank 0 merges all shards into ``OUT`` (datasets dir + treg_meta.json)."""
+    def finalize(self, meta: dict | Callable[[object], dict]) -> Path:
+        """Barrier, then rank 0 merges all shards into ``OUT`` (datasets dir + treg_meta.json).
+
+        ``meta``: a dict, or a function of the merged ``datasets.Dataset`` returning one (for counts
+        and length statistics). ``fingerprint`` is added. Returns ``OUT`` on every rank.
+        """
         self._barrier()
         if self.rank == 0 and not self.complete:
             missing = sorted(set(range(self.num_shards)) - self.done_shards())
             if missing:
                 raise RuntimeError(f"{self.shard_dir}: shards {missing[:5]} missing at finalize")
-            self._merge({**meta, "fingerprint": self.fingerprint})
+            self._merge(meta)
         self._barrier()
         self.complete = True
         return self.out
@@ -203,8 +207,9 @@ class ShardedWriter:
         features = self.features or datasets.Features.from_arrow_schema(table.schema)
         return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features))
 
-    def _merge(self, meta: dict) -> None:
+    def _merge(self, meta) -> None:
         dataset = self.load_shards()
+        meta = {**(meta(dataset) if callable(meta) else meta), "fingerprint": self.fingerprint}
         tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.tmp-"))
         try:
             dataset.save_to_disk(str(tmp))
