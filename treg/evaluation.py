@@ -227,3 +227,88 @@ def win_rate_stats(scores_a: Sequence[float], scores_b: Sequence[float], len_a: 
             "lc_win_rate": 100 * lc, "lc_note": note,
             "mean_chars_a": float(np.mean(len_a)), "mean_chars_b": float(np.mean(len_b)),
             "mean_score_a": float(a.mean()), "mean_score_b": float(b.mean())}
+
+
+# --------------------------------------------------------------------------- the two runs
+
+def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", generator: str | None = None,
+             temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 1024, seed: int = 0,
+             batch_size: int = 16, prompt_column: str | None = None, split: str = "train",
+             limit: int | None = None, dtype: str | None = None, use_chat_template: bool = True,
+             progress: bool = True) -> dict:
+    """Run ``treg generate``: one response per prompt (greedy when ``temperature == 0``, else seeded
+    sampling as in :mod:`treg.sampling`), written as a benchmark file in ``fmt`` plus
+    ``<output>.treg_meta.json``. Returns the meta."""
+    from treg.chat import ChatFormat
+    from treg.meta import tokenizer_fingerprint
+    from treg.sampling import (hf_generate, load_policy, load_prompt_rows, path_fingerprint, row_seed,
+                               stop_token_ids)
+    if fmt not in FORMATS:
+        raise TregError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}", field="format")
+    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or batch_size < 1:
+        raise TregError("need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1, batch_size >= 1")
+    rows, label = load_prompt_rows(prompts, prompt_column=prompt_column, split=split, limit=limit)
+    model, tokenizer = load_policy(model_path, dtype=dtype)
+    chat = ChatFormat(tokenizer, use_chat_template=use_chat_template, file=model_path)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(rows), desc="generate", unit="prompt")
+    outs = hf_generate(model, tokenizer, [chat.context_ids(r.messages) for r in rows],
+                       [row_seed(seed, r.prompt_id, 0) for r in rows], stop_ids=stop_token_ids(model, tokenizer, chat),
+                       temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       progress=bar.update if bar else None)
+    if bar:
+        bar.close()
+    generator = generator or Path(model_path.rstrip("/")).name
+    records = [{"prompt": r.value if isinstance(r.value, str) else r.messages, "prompt_id": r.prompt_id,
+                "dataset": r.extra.get("dataset"), "output": o["text"], "n_tokens": o["n_tokens"],
+                "finish_reason": o["finish_reason"]} for r, o in zip(rows, outs)]
+    settings = {"stage": "generate", "model": path_fingerprint(model_path), "format": fmt,
+                "prompts": stable_hash([(r.prompt_id, r.messages) for r in rows]), "generator": generator,
+                "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
+                "use_chat_template": use_chat_template}
+    meta = {"stage": "generate", "model": model_path, "source": label, "format": fmt, "generator": generator,
+            "prompts": len(rows), "temperature": temperature, "max_new_tokens": max_new_tokens,
+            "truncated": sum(o["finish_reason"] == "length" for o in outs),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "fingerprint": stable_hash(settings)}
+    write_outputs(records, output, fmt, generator, meta)
+    return meta
+
+
+def evaluate(outputs: str, baseline: str, *, judge: str | None = None, reward_fn: str | None = None,
+             trust_remote_code: bool = False, questions: str | None = None, batch_size: int = 8,
+             n_boot: int = 2000, seed: int = 0) -> dict:
+    """Run ``treg eval``: score both files' outputs with one judge, pair them by instruction (or
+    Arena-Hard ``question_id``) and return :func:`win_rate_stats` plus pairing counts."""
+    from treg.scoring import make_scorer, score_rows
+    a, b = read_outputs(outputs, questions=questions), read_outputs(baseline, questions=questions)
+    keys = [k for k in a if k in b]
+    if not keys:
+        raise TregError("no instruction is shared by the two files: nothing to pair", file=baseline)
+    scorer, desc = make_scorer(reward_model=judge, reward_fn=reward_fn, trust_remote_code=trust_remote_code,
+                               batch_size=batch_size)
+    rows = [{"prompt": a[k]["prompt"], "responses": [a[k]["output"], b[k]["output"]], "row": i + 1}
+            for i, k in enumerate(keys)]
+    scores = score_rows(scorer, rows, label=outputs, is_fn=reward_fn is not None)
+    stats = win_rate_stats([s[0] for s in scores], [s[1] for s in scores],
+                           [len(a[k]["output"]) for k in keys], [len(b[k]["output"]) for k in keys],
+                           n_boot=n_boot, seed=seed)
+    return {"outputs": outputs, "baseline": baseline, "judge": desc, "unpaired_outputs": len(a) - len(keys),
+            "unpaired_baseline": len(b) - len(keys), **stats}
+
+
+def run_alpaca_eval(outputs: str, baseline: str | None, extra: Sequence[str] = ()) -> int:
+    """Hand the outputs to the ``alpaca_eval`` CLI (GPT-4 judge). Needs the package and an API key;
+    refuses clearly otherwise — treg never imitates the official judge."""
+    import importlib.util
+    import shutil
+    import subprocess
+    if importlib.util.find_spec("alpaca_eval") is None or shutil.which("alpaca_eval") is None:
+        raise TregError("--alpaca-eval needs the 'alpaca_eval' package (pip install alpaca-eval)")
+    if not os.environ.get("OPENAI_API_KEY"):
+        raise TregError("--alpaca-eval needs OPENAI_API_KEY (its default judge is a GPT-4 model)")
+    cmd = ["alpaca_eval", "--model_outputs", outputs]
+    if baseline:
+        cmd += ["--reference_outputs", baseline]
+    return subprocess.call(cmd + list(extra))
