@@ -98,6 +98,8 @@ def load_annotated(path: str | Path, tokenizer=None, *, need_rewards: bool = Tru
                             field="tokenizer_fingerprint")
     try:
         dataset = load_from_disk(str(path))
+    except IndexError:  # datasets cannot open a directory with zero data shards
+        raise TregError("empty dataset: no preference pairs", file=str(path)) from None
     except (FileNotFoundError, ValueError) as err:
         raise TregError(f"not a datasets directory ({err})", file=str(path)) from None
     validate(dataset, file=str(path), need_rewards=need_rewards)
@@ -125,8 +127,9 @@ def validate(dataset, *, file: str | None = None, need_rewards: bool = True) -> 
         idx = np.flatnonzero(bad)
         return int(idx[0]) if idx.size else None
 
-    if (row := first(lengths(PROMPT) < 0)) is not None:
-        raise TregError("missing prompt ids", file=file, row=row, field=PROMPT)
+    if (row := first(lengths(PROMPT) <= 0)) is not None:
+        raise TregError("empty prompt: the first response token needs a context token (e.g. BOS)",
+                        file=file, row=row, field=PROMPT)
     for side in SIDES:
         n = lengths(IDS[side])
         if (row := first(n <= 0)) is not None:
@@ -206,6 +209,19 @@ def truncate_sequence(values: list, max_length: int | None, mode: str) -> list:
     return values[:max_length] if mode == "keep_start" else values[-max_length:]
 
 
+def response_window(prompt_len: int, response_len: int, max_length: int | None, mode: str) -> tuple[int, int, int]:
+    """Where a response lands in its collated (truncated) sequence: ``(pos0, lo, hi)``.
+
+    Response tokens ``lo..hi-1`` survive truncation and token ``j`` sits at sequence position
+    ``pos0 + j``. Used to map per-position values (e.g. reference log-probs) back to response tokens.
+    """
+    total = prompt_len + response_len
+    offset = 0 if max_length is None or mode == "keep_start" else max(0, total - max_length)
+    kept = total if max_length is None else min(total, max_length)
+    pos0 = prompt_len - offset
+    return pos0, max(0, -pos0), min(response_len, kept - pos0)
+
+
 @dataclass
 class PairCollator:
     """Collate annotated rows into one concatenated batch ``[chosen; rejected]``.
@@ -219,8 +235,8 @@ class PairCollator:
     - ``attention_mask`` (2B, L) long
     - ``response_mask`` (2B, L) float32: 1.0 at response-token positions. Position 0 is never a
       response position (it has no context; TRL scores from position 1 as well).
-    - ``token_rewards`` (2B, L) float32: r_hat aligned with ``response_mask``, 0 elsewhere (all 0
-      when the data has no reward columns)
+    - ``token_rewards`` (2B, L) float32: r_hat aligned with ``response_mask``, 0 elsewhere; only
+      when every row has token rewards
     - ``ref_token_logps`` (2B, L) float32: only when every row has per-token reference log-probs
     - ``ref_chosen_logps`` / ``ref_rejected_logps`` (B,) float32: only when present in every row
 
@@ -234,6 +250,7 @@ class PairCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         cut = lambda values: truncate_sequence(values, self.max_length, self.truncation_mode)  # noqa: E731
+        has_rewards = all(r.get(REWARDS[s]) is not None for r in rows for s in SIDES)
         has_ref_tok = all(r.get(REF_TOK[s]) is not None for r in rows for s in SIDES)
         seqs, masks, rewards, ref_tok = [], [], [], []
         for side in SIDES:
@@ -241,8 +258,8 @@ class PairCollator:
                 pad = [0.0] * len(r[PROMPT])
                 seqs.append(cut(list(r[PROMPT]) + list(r[IDS[side]])))
                 masks.append(cut(pad + [1.0] * len(r[IDS[side]])))
-                rew = r.get(REWARDS[side])
-                rewards.append(cut(pad + list(rew)) if rew is not None else [0.0] * len(seqs[-1]))
+                if has_rewards:
+                    rewards.append(cut(pad + list(r[REWARDS[side]])))
                 if has_ref_tok:
                     ref_tok.append(cut(pad + list(r[REF_TOK[side]])))
         length = max(map(len, seqs))
@@ -259,8 +276,9 @@ class PairCollator:
         mask[:, 0] = 0.0
         batch = {"input_ids": padded(seqs, torch.long, self.pad_token_id),
                  "attention_mask": padded([[1] * len(s) for s in seqs], torch.long),
-                 "response_mask": mask,
-                 "token_rewards": padded(rewards, torch.float32) * mask}
+                 "response_mask": mask}
+        if has_rewards:
+            batch["token_rewards"] = padded(rewards, torch.float32) * mask
         if has_ref_tok:
             batch["ref_token_logps"] = padded(ref_tok, torch.float32) * mask
         for side in SIDES:
