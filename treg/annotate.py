@@ -1,0 +1,349 @@
+"""Token rewards by contrastive prompting + reference log-probs (METHOD.md §1, §5).
+
+Python API (notebooks)::
+
+    ds = annotate(model, tokenizer, rows, template="revision")     # -> datasets.Dataset
+
+``rows``: ``PreferenceRow``s (treg.chat) or dicts in any TRL preference format. On-disk, resumable
+and multi-process: :func:`annotate_to_disk` (what ``treg annotate`` runs).
+
+Per pair, the response ``y`` (chosen and rejected) is tokenized ONCE (``ChatFormat.response_ids``,
+ending with the end-of-turn token) and appended to each tokenized context (METHOD.md §1):
+
+* plain ``x``                  -> ``ref_*_logps`` (sum) and ``ref_*_token_logps`` (per token)
+* ``x_better`` / ``x_worse``   -> ``r_hat(y_t) = sigmoid(lp_better - lp_worse) - 0.5`` (source contrastive)
+
+Other sources (same schema): ``dpo``: ``r_hat = sigmoid(beta * (lp_dpo - lp_ref)) - 0.5`` on the plain
+prompt (METHOD.md §5, "DPO-reward regularizer"); ``sft-chosen``: +0.5 per chosen token, 0 per
+rejected token (METHOD.md §5, "DPO-SFT").
+
+Speed: all sequences of a chunk of pairs (2 responses x up to 3 contexts) are pooled, sorted by
+length (longest first) and cut into batches whose PADDED size ``n_seqs * max_len`` stays under
+``batch_tokens``; a response's better/worse sequences have near-equal lengths and so land in the
+same forward. Log-probs come from ``treg.logprobs.model_token_logps`` (no (B, T, V) logits).
+
+Output columns (one row per pair; docs/data.md contract + extras): ``prompt_input_ids``,
+``chosen_input_ids``, ``rejected_input_ids``, ``chosen_token_rewards``, ``rejected_token_rewards``
+(float32, one per response token), ``ref_chosen_logps``, ``ref_rejected_logps`` (float64 sums),
+``ref_chosen_token_logps``, ``ref_rejected_token_logps`` (float32), and ``source_index`` (0-based
+row of the input), ``prompt_text``, ``chosen_text``, ``rejected_text``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from treg.chat import ChatFormat, PreferenceRow, messages_to_text, preference_rows
+from treg.errors import TregError
+from treg.templates import Template, load_template, render
+
+SOURCES = ("contrastive", "dpo", "sft-chosen")
+SIDES = ("chosen", "rejected")
+
+
+def features():
+    """The ``datasets.Features`` of an annotated dataset written by this module."""
+    import datasets
+    ints, f32 = datasets.Sequence(datasets.Value("int64")), datasets.Sequence(datasets.Value("float32"))
+    cols = {"source_index": datasets.Value("int64"), "prompt_text": datasets.Value("string"),
+            "chosen_text": datasets.Value("string"), "rejected_text": datasets.Value("string"),
+            "prompt_input_ids": ints}
+    for side in SIDES:
+        cols[f"{side}_input_ids"] = ints
+        cols[f"{side}_token_rewards"] = f32
+        cols[f"ref_{side}_logps"] = datasets.Value("float64")
+        cols[f"ref_{side}_token_logps"] = f32
+    return datasets.Features(cols)
+
+
+@dataclass
+class AnnotateConfig:
+    """Settings of one annotation run (everything that decides the output)."""
+    template: Template | None = None
+    source: str = "contrastive"
+    beta: float = 0.1
+    max_length: int | None = None
+    batch_tokens: int = 16384
+    use_chat_template: bool = True
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise TregError(f"unknown source '{self.source}' (choose {', '.join(SOURCES)})", field="source")
+        if self.source == "contrastive" and self.template is None:
+            self.template = load_template("revision")
+        if self.batch_tokens < 1:
+            raise TregError("must be >= 1", field="batch_tokens")
+        if not math.isfinite(self.beta) or self.beta <= 0:
+            raise TregError("must be a positive number", field="beta")
+
+    def settings(self) -> dict:
+        """JSON-able settings for fingerprints and meta (template text only where it matters)."""
+        out = {"source": self.source, "max_length": self.max_length, "batch_tokens": self.batch_tokens,
+               "use_chat_template": self.use_chat_template}
+        if self.source == "contrastive":
+            out.update(template_mode=self.template.mode, template_text=self.template.text)
+        if self.source == "dpo":
+            out["beta"] = self.beta
+        return out
+
+
+@dataclass
+class _Pair:
+    row: PreferenceRow
+    prompt_ids: list[int]
+    resp: dict            # side -> response ids
+    ctx: dict             # (side, "plain"|"better"|"worse") -> context ids
+    out: dict = field(default_factory=dict)  # (side, ctx, model) -> response log-probs (np.float32)
+
+
+@dataclass
+class Progress:
+    """Counters for progress reporting: real (unpadded) and padded tokens pushed through the model."""
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    forwards: int = 0
+    seconds: float = 0.0
+
+
+def build_pairs(rows: list[PreferenceRow], fmt: ChatFormat, cfg: AnnotateConfig) -> tuple[list[_Pair], list[int]]:
+    """Tokenize pairs; returns ``(pairs, skipped_source_indices)`` (skipped: longer than max_length)."""
+    pairs, skipped = [], []
+    for row in rows:
+        prompt_ids = fmt.context_ids(row.prompt)
+        resp = {"chosen": fmt.response_ids(row.chosen), "rejected": fmt.response_ids(row.rejected)}
+        ctx = {}
+        query = messages_to_text(row.prompt) if cfg.source == "contrastive" else None
+        for side in SIDES:
+            ctx[(side, "plain")] = prompt_ids
+            if cfg.source == "contrastive":
+                text = getattr(row, side)
+                better, worse = render(cfg.template, query=query, draft=text) \
+                    if cfg.template.mode == "revision" else render(cfg.template, query=query)
+                ctx[(side, "better")] = fmt.context_ids(better)
+                ctx[(side, "worse")] = fmt.context_ids(worse)
+        longest = max(len(c) + len(resp[s]) for (s, _), c in ctx.items())
+        if cfg.max_length is not None and longest > cfg.max_length:
+            skipped.append(row.index)
+            continue
+        pairs.append(_Pair(row, prompt_ids, resp, ctx))
+    return pairs, skipped
+
+
+def plan_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices sorted by length (longest first, stable) cut so that ``len(batch) * max_len <= batch_tokens``
+    (a sequence longer than the budget gets a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[cur[0]] > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+@torch.no_grad()
+def score_sequences(model, seqs: list[tuple[list[int], list[int]]], *, batch_tokens: int, pad_id: int,
+                    progress: Progress | None = None) -> list[np.ndarray]:
+    """Per-token log-probs of each response given its context: ``seqs[i] = (context_ids, response_ids)``
+    -> float32 arrays of length ``len(response_ids)`` (``out[t] = log p(y_t | context, y_<t)``)."""
+    from treg.logprobs import model_token_logps
+    device = next(model.parameters()).device
+    lengths = [len(c) + len(r) for c, r in seqs]
+    results: list[np.ndarray | None] = [None] * len(seqs)
+    for batch in plan_batches(lengths, batch_tokens):
+        t0 = time.perf_counter()
+        width = lengths[batch[0]]
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, i in enumerate(batch):
+            ctx, resp = seqs[i]
+            ids[j, :lengths[i]] = torch.tensor(ctx + resp, dtype=torch.long)
+            mask[j, :lengths[i]] = 1
+        logps = model_token_logps(model, ids.to(device), mask.to(device)).float().cpu().numpy()
+        for j, i in enumerate(batch):
+            start = len(seqs[i][0])
+            results[i] = logps[j, start:lengths[i]].copy()
+        if progress is not None:
+            progress.real_tokens += sum(lengths[i] for i in batch)
+            progress.padded_tokens += len(batch) * width
+            progress.forwards += 1
+            progress.seconds += time.perf_counter() - t0
+    return results
+
+
+def _sigmoid_half(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x.astype(np.float64))) - 0.5).astype(np.float32)
+
+
+def annotate_pairs(pairs: list[_Pair], model, cfg: AnnotateConfig, *, pad_id: int, dpo_model=None,
+                   file: str | None = None, progress: Progress | None = None) -> list[dict]:
+    """Score ``pairs`` (one chunk) and return output rows (see module docstring for the columns)."""
+    jobs = [(p, key, "ref") for p in pairs for key in p.ctx]
+    if cfg.source == "dpo":
+        jobs += [(p, key, "dpo") for p in pairs for key in p.ctx]
+    for name, mdl in (("ref", model), ("dpo", dpo_model)):
+        mine = [j for j in jobs if j[2] == name]
+        if not mine:
+            continue
+        seqs = [(p.ctx[key], p.resp[key[0]]) for p, key, _ in mine]
+        for (p, key, _), lp in zip(mine, score_sequences(mdl, seqs, batch_tokens=cfg.batch_tokens,
+                                                         pad_id=pad_id, progress=progress)):
+            p.out[(*key, name)] = lp
+    return [_row(p, cfg, file) for p in pairs]
+
+
+def _row(p: _Pair, cfg: AnnotateConfig, file: str | None) -> dict:
+    out = {"source_index": p.row.index, "prompt_text": messages_to_text(p.row.prompt),
+           "chosen_text": p.row.chosen, "rejected_text": p.row.rejected,
+           "prompt_input_ids": p.prompt_ids}
+    for side in SIDES:
+        ref = p.out[(side, "plain", "ref")]
+        if cfg.source == "contrastive":  # METHOD.md §1
+            r_hat = _sigmoid_half(p.out[(side, "better", "ref")] - p.out[(side, "worse", "ref")])
+        elif cfg.source == "dpo":  # METHOD.md §5: sigmoid(beta * (log pi_dpo - log pi_ref)) - 0.5
+            r_hat = _sigmoid_half(cfg.beta * (p.out[(side, "plain", "dpo")].astype(np.float64) - ref))
+        else:  # METHOD.md §5 DPO-SFT: +0.5 on chosen tokens, 0 on rejected
+            r_hat = np.full(len(ref), 0.5 if side == "chosen" else 0.0, dtype=np.float32)
+        total = float(ref.astype(np.float64).sum())
+        for name, values in ((f"{side}_token_rewards", r_hat), (f"ref_{side}_token_logps", ref),
+                             (f"ref_{side}_logps", np.array([total]))):
+            if not np.isfinite(values).all():
+                raise TregError("the model produced a non-finite value (NaN/inf); check the model and "
+                                "--dtype", file=file, row=p.row.row, field=name)
+        out[f"{side}_input_ids"] = p.resp[side]
+        out[f"{side}_token_rewards"] = r_hat.tolist()
+        out[f"ref_{side}_logps"] = total
+        out[f"ref_{side}_token_logps"] = ref.tolist()
+    return out
+
+
+def annotate(model, tokenizer, rows, *, template: str | Template = "revision", source: str = "contrastive",
+             dpo_model=None, beta: float = 0.1, max_length: int | None = None, batch_tokens: int = 16384,
+             use_chat_template: bool = True, chunk_pairs: int = 256, progress: bool = True):
+    """In-memory annotation (no shards): returns a ``datasets.Dataset`` with the columns above.
+
+    ``rows``: ``PreferenceRow``s or dicts in a TRL preference format. Pairs longer than
+    ``max_length`` (any scored sequence) are skipped. ``dpo_model`` is needed for ``source="dpo"``.
+    """
+    import datasets
+    cfg = make_config(template=template, source=source, beta=beta, max_length=max_length,
+                      batch_tokens=batch_tokens, use_chat_template=use_chat_template, dpo_model=dpo_model)
+    rows = rows if rows and isinstance(rows[0], PreferenceRow) else preference_rows(list(rows))
+    fmt = ChatFormat(tokenizer, use_chat_template=use_chat_template)
+    pad_id = pad_token_id(tokenizer)
+    out = []
+    chunks = [rows[i:i + chunk_pairs] for i in range(0, len(rows), chunk_pairs)]
+    bar = progress_bar(len(rows), enabled=progress)
+    stats = Progress()
+    for chunk in chunks:
+        pairs, _ = build_pairs(chunk, fmt, cfg)
+        out += annotate_pairs(pairs, model, cfg, pad_id=pad_id, dpo_model=dpo_model, progress=stats)
+        bar.update(len(chunk))
+        bar.set_postfix_str(rate_text(stats))
+    bar.close()
+    return datasets.Dataset.from_list(out, features=features())
+
+
+def make_config(*, template, source, beta, max_length, batch_tokens, use_chat_template, dpo_model) -> AnnotateConfig:
+    """Validate options and build an :class:`AnnotateConfig` (TregError on a bad combination)."""
+    if source == "dpo" and dpo_model is None:
+        raise TregError("--source dpo needs --dpo-model", field="dpo_model")
+    if source != "dpo" and dpo_model is not None:
+        raise TregError("--dpo-model is only used with --source dpo", field="dpo_model")
+    if max_length is not None and max_length < 2:
+        raise TregError("must be >= 2", field="max_length")
+    tmpl = (template if isinstance(template, Template) else load_template(template)) \
+        if source == "contrastive" else None
+    return AnnotateConfig(template=tmpl, source=source, beta=beta, max_length=max_length,
+                          batch_tokens=batch_tokens, use_chat_template=use_chat_template)
+
+
+def pad_token_id(tokenizer) -> int:
+    """Any valid id works for padding (it is masked); prefer pad, then eos, then 0."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def progress_bar(total: int, *, enabled: bool = True, desc: str = "annotate"):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, unit="pair", desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+def rate_text(stats: Progress) -> str:
+    tps = stats.real_tokens / stats.seconds if stats.seconds else 0.0
+    pad = stats.padded_tokens / stats.real_tokens if stats.real_tokens else 1.0
+    return f"{tps:,.0f} tok/s, pad x{pad:.2f}"
+
+
+def annotate_to_disk(model, tokenizer, rows: list[PreferenceRow], out, *, cfg: AnnotateConfig,
+                     dpo_model=None, shard_size: int = 256, overwrite: bool = False,
+                     run_info: dict | None = None, file: str | None = None, rank: int = 0,
+                     world_size: int = 1, barrier=None, on_shard=None, progress: bool = True):
+    """Annotate into ``out`` through a resumable :class:`treg.shards.ShardedWriter`.
+
+    Shard ``i`` holds input rows ``[i * shard_size, (i + 1) * shard_size)``; process ``rank`` scores
+    shards ``i % world_size == rank``; rank 0 merges after a barrier. ``run_info`` (model names,
+    dtype, data source) joins the settings fingerprint: a rerun with the same settings resumes, with
+    different ones it is refused unless ``overwrite``. ``on_shard(i)`` is called after each shard
+    is written (tests use it to simulate a crash). ``model`` may be a zero-argument callable returning
+    ``(model, dpo_model)``: it is called only after the output check, and only if there is work left.
+    Returns ``out`` (a Path).
+    """
+    from treg.meta import stable_hash, tokenizer_fingerprint
+    from treg.shards import ShardedWriter
+    run_info = dict(run_info or {})
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    settings = {**cfg.settings(), **run_info, "tokenizer_fingerprint": tok_fp, "shard_size": shard_size,
+                "num_rows": len(rows), "data_hash": stable_hash([[r.prompt, r.chosen, r.rejected] for r in rows])}
+    num_shards = -(-len(rows) // shard_size)
+    writer = ShardedWriter(out, settings=settings, num_shards=num_shards, features=features(),
+                           overwrite=overwrite, rank=rank, world_size=world_size, barrier=barrier)
+    fmt = ChatFormat(tokenizer, use_chat_template=cfg.use_chat_template)
+    pad_id = pad_token_id(tokenizer)
+    todo = writer.pending_shards()
+    if callable(model) and not isinstance(model, torch.nn.Module):
+        model, dpo_model = model() if todo else (None, None)
+    bar = progress_bar(sum(len(rows[i * shard_size:(i + 1) * shard_size]) for i in todo),
+                       enabled=progress and rank == 0)
+    stats = Progress()
+    for i in todo:
+        chunk = rows[i * shard_size:(i + 1) * shard_size]
+        pairs, _ = build_pairs(chunk, fmt, cfg)
+        writer.write(i, annotate_pairs(pairs, model, cfg, pad_id=pad_id, dpo_model=dpo_model, file=file,
+                                       progress=stats))
+        bar.update(len(chunk))
+        bar.set_postfix_str(rate_text(stats))
+        if on_shard is not None:
+            on_shard(i)
+    bar.close()
+
+    def meta(ds) -> dict:
+        return {"stage": "annotate", "tokenizer_fingerprint": tok_fp, **run_info,
+                "source": cfg.source, "template": cfg.template.text if cfg.template else None,
+                "template_mode": cfg.template.mode if cfg.template else None,
+                "beta": cfg.beta if cfg.source == "dpo" else None,
+                "num_pairs": len(ds), "num_rows": len(rows), "skipped_too_long": len(rows) - len(ds),
+                "lengths": length_stats(ds), "settings": settings}
+
+    return writer.finalize(meta)
+
+
+def length_stats(ds) -> dict:
+    """Mean / max token lengths of prompt, chosen and rejected (for treg_meta.json)."""
+    import pyarrow.compute as pc
+    table = ds.with_format("arrow")[:]
+    out = {}
+    for col in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
+        n = pc.list_value_length(table[col]).to_numpy(zero_copy_only=False) if len(ds) else np.zeros(1)
+        out[col.replace("_input_ids", "")] = {"mean": round(float(n.mean()), 2), "max": int(n.max())}
+    return out
