@@ -270,6 +270,13 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
     rows, label = load_prompt_rows(prompts, prompt_column=prompt_column, split=split, limit=limit)
     state = PartialState()
     if backend == "vllm":
+        import importlib.util
+        if importlib.util.find_spec("vllm") is None:
+            raise TregError("--backend vllm needs the 'vllm' package (pip install vllm); use --backend hf",
+                            field="backend")
+        if state.num_processes > 1:
+            raise TregError("--backend vllm runs as one process (use its tensor parallelism), not under "
+                            "accelerate launch", field="backend")
         from transformers import AutoTokenizer
         model, tokenizer = None, AutoTokenizer.from_pretrained(model_path)
     else:

@@ -295,6 +295,8 @@ def reward_fingerprint(reward_model: str | None, reward_fn: str | None) -> str:
     import inspect
     from treg.meta import stable_hash
     from treg.sampling import path_fingerprint
+    if bool(reward_model) == bool(reward_fn):
+        raise TregError("give exactly one of --reward-model / --reward-fn")
     if reward_model:
         return stable_hash({"reward_model": reward_model, "files": path_fingerprint(reward_model)})
     fn = load_reward_fn(reward_fn)
@@ -351,6 +353,8 @@ def score(samples: str, output: str, *, reward_model: str | None = None, reward_
     if min_margin < 0:
         raise TregError("--min-margin must be >= 0", field="min_margin")
     rows, label, in_fp = read_samples(samples)
+    if reward_model:  # refuse a wrong or untrusted model before anything is written
+        check_reward_model_config(reward_model, trust_remote_code=trust_remote_code)
     settings = {"stage": "score", "samples": in_fp, "reward": reward_fingerprint(reward_model, reward_fn),
                 "min_margin": min_margin, "shard_size": shard_size}
     state = PartialState()

@@ -1,0 +1,139 @@
+"""treg sample: schema, seeded reproducibility independent of batching/sharding, kill/resume, bad input."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+
+from treg.cli import main as cli  # noqa: E402
+
+PROMPTS = ["Hello there", "What is a fox?", "Numbers like 12345", "def add(a, b):", "Say hi", "Rewrite the draft"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("policy")
+    tok = tiny_tokenizer("llama3")
+    tiny_llama(len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    p.write_text("".join(json.dumps({"prompt": t, "prompt_id": f"p{i}"}) + "\n" for i, t in enumerate(PROMPTS)))
+    return str(p)
+
+
+def _run(model_dir, prompts, out, **kw):
+    from treg.sampling import sample
+    args = dict(n=3, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=7, progress=False)
+    args.update(kw)
+    return sample(model_dir, prompts, str(out), **args)
+
+
+def _rows(out):
+    import datasets
+    return datasets.load_from_disk(str(out)).to_list()
+
+
+def test_schema_and_reproducible_across_batch_and_shard_sizes(model_dir, prompts_file, tmp_path):
+    meta = _run(model_dir, prompts_file, tmp_path / "a", batch_size=1, shard_size=2)
+    _run(model_dir, prompts_file, tmp_path / "b", batch_size=7, shard_size=4)
+    a, b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    assert [r["responses"] for r in a] == [r["responses"] for r in b]
+    assert [r["prompt_id"] for r in a] == [f"p{i}" for i in range(len(PROMPTS))]
+    assert [r["prompt"] for r in a] == PROMPTS
+    for r in a:
+        assert len(r["responses"]) == len(r["response_tokens"]) == len(r["finish_reasons"]) == 3
+        assert all(isinstance(x, str) for x in r["responses"])
+        assert set(r["finish_reasons"]) <= {"stop", "length"}
+        assert all(0 <= t <= 12 for t in r["response_tokens"])
+    # the N samples of a prompt differ (their seeds do), and another seed gives other samples
+    assert any(len(set(r["responses"])) > 1 for r in a)
+    _run(model_dir, prompts_file, tmp_path / "c", seed=8)
+    assert [r["responses"] for r in _rows(tmp_path / "c")] != [r["responses"] for r in a]
+    saved = json.loads((tmp_path / "a" / "treg_meta.json").read_text())
+    assert saved["stage"] == "sample" and saved["n"] == 3 and saved["fingerprint"] == meta["fingerprint"]
+    assert saved["prompts"] == len(PROMPTS) and "tokenizer_fingerprint" in saved
+
+
+def test_kill_and_resume_is_identical(model_dir, prompts_file, tmp_path):
+    _run(model_dir, prompts_file, tmp_path / "full", shard_size=2)
+
+    class Killed(Exception):
+        pass
+
+    def die(i):
+        raise Killed
+
+    with pytest.raises(Killed):
+        _run(model_dir, prompts_file, tmp_path / "part", shard_size=2, after_shard=die)
+    assert not (tmp_path / "part" / "treg_meta.json").exists()  # nothing final written
+    assert len(list((tmp_path / "part" / ".shards").glob("shard-*.parquet"))) == 1
+    done = []
+    _run(model_dir, prompts_file, tmp_path / "part", shard_size=2, after_shard=done.append)
+    assert done == [1, 2]  # shard 0 was not redone
+    assert _rows(tmp_path / "part") == _rows(tmp_path / "full")
+    # different settings into the finished output: refused
+    code = cli(["sample", "--model", model_dir, "--prompts", prompts_file, "--output", str(tmp_path / "part"),
+                "--n", "3", "--seed", "99", "--no-progress"])
+    assert code == 2
+
+
+def test_conversational_prompts(model_dir, tmp_path):
+    p = tmp_path / "conv.jsonl"
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    p.write_text(json.dumps({"prompt": conv}) + "\n" + json.dumps({"prompt": conv[1:]}) + "\n")
+    _run(model_dir, str(p), tmp_path / "out", n=2)
+    rows = _rows(tmp_path / "out")
+    assert rows[0]["prompt"] == conv and rows[1]["prompt"] == conv[1:]
+    assert [r["prompt_id"] for r in rows] == ["0", "1"]
+
+
+def test_greedy_is_deterministic_and_batch_independent(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from treg.chat import ChatFormat
+    from treg.sampling import hf_generate, stop_token_ids
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    chat = ChatFormat(tok)
+    ctx = [chat.context_ids([{"role": "user", "content": t}]) for t in PROMPTS]
+    kw = dict(stop_ids=stop_token_ids(model, tok, chat), temperature=0, top_p=1.0, max_new_tokens=8)
+    one = [hf_generate(model, tok, [c], [0], batch_size=1, **kw)[0] for c in ctx]
+    assert hf_generate(model, tok, ctx, [0] * len(ctx), batch_size=6, **kw) == one
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--n", "1"], "at least 2"),
+    (["--temperature", "0"], "greedy"),
+    (["--prompt-column", "question"], "field 'question'"),
+    (["--backend", "vllm"], "vllm"),
+])
+def test_bad_arguments(model_dir, prompts_file, tmp_path, capsys, argv, needle):
+    out = tmp_path / "o"
+    code = cli(["sample", "--model", model_dir, "--prompts", prompts_file, "--output", str(out),
+                "--no-progress"] + argv)
+    err = capsys.readouterr().err
+    if needle == "vllm":
+        try:
+            import vllm  # noqa: F401
+            pytest.skip("vllm installed")
+        except ImportError:
+            pass
+    assert code == 2 and needle in err and "Traceback" not in err
+    assert not (out / "treg_meta.json").exists()
+
+
+def test_prompt_file_without_prompt_column(model_dir, tmp_path, capsys):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"question": "hi"}) + "\n")
+    code = cli(["sample", "--model", model_dir, "--prompts", str(p), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no prompt column" in err and "bad.jsonl" in err and "--prompt-column" in err
+    assert not (tmp_path / "o").exists()
