@@ -1,0 +1,141 @@
+"""treg generate file formats (AlpacaEval 2, Arena-Hard) and treg eval statistics."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+
+from treg.cli import main as cli  # noqa: E402
+from treg.evaluation import fit_logistic, length_controlled_win_rate, win_rate_stats  # noqa: E402
+
+INSTRUCTIONS = ["Hello there", "What is a fox?", "Numbers like 12345", "Say hi"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("policy")
+    tok = tiny_tokenizer("chatml")
+    tiny_llama(len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def _gen(model_dir, prompts, out, fmt, *extra):
+    return cli(["generate", "--model", model_dir, "--prompts", str(prompts), "--output", str(out), "--format", fmt,
+                "--max-new-tokens", "8", "--no-progress", *extra])
+
+
+def test_alpaca_eval_file(model_dir, tmp_path):
+    # the AlpacaEval 2 evaluation set's columns: instruction, dataset (+ reference output, generator)
+    src = tmp_path / "alpaca.json"
+    src.write_text(json.dumps([{"instruction": t, "dataset": "helpful_base", "output": "ref", "generator": "gpt4"}
+                               for t in INSTRUCTIONS]))
+    assert _gen(model_dir, src, tmp_path / "a.json", "alpaca_eval", "--generator", "tiny") == 0
+    assert _gen(model_dir, src, tmp_path / "b.json", "alpaca_eval", "--generator", "tiny") == 0
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert isinstance(data, list) and len(data) == len(INSTRUCTIONS)
+    for row, inst in zip(data, INSTRUCTIONS):
+        assert set(row) == {"instruction", "output", "generator", "dataset"}
+        assert row["instruction"] == inst and row["generator"] == "tiny" and row["dataset"] == "helpful_base"
+        assert isinstance(row["output"], str)
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()  # greedy: deterministic
+    import pandas as pd  # AlpacaEval's loader for .json model outputs is pandas.read_json
+    df = pd.read_json(tmp_path / "a.json")
+    assert {"instruction", "output", "generator"} <= set(df.columns) and len(df) == len(INSTRUCTIONS)
+    meta = json.loads((tmp_path / "a.json.treg_meta.json").read_text())
+    assert meta["stage"] == "generate" and meta["format"] == "alpaca_eval" and meta["fingerprint"]
+
+
+def test_arena_hard_file_and_eval_with_questions(model_dir, tmp_path):
+    q = tmp_path / "question.jsonl"
+    q.write_text("".join(json.dumps({"question_id": f"q{i}", "category": "arena-hard-v0.1", "cluster": "c",
+                                     "turns": [{"content": t}]}) + "\n" for i, t in enumerate(INSTRUCTIONS)))
+    assert _gen(model_dir, q, tmp_path / "m.jsonl", "arena_hard", "--generator", "tiny") == 0
+    lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [x["question_id"] for x in lines] == [f"q{i}" for i in range(len(INSTRUCTIONS))]
+    for x in lines:
+        assert {"question_id", "answer_id", "model_id", "choices", "tstamp"} <= set(x)
+        assert x["model_id"] == "tiny" and isinstance(x["tstamp"], float)
+        (choice,) = x["choices"]
+        assert choice["index"] == 0 and isinstance(choice["turns"][0]["content"], str)
+        assert isinstance(choice["turns"][0]["token_len"], int)
+        assert x["conv_metadata"]["token_len"] == choice["turns"][0]["token_len"]
+    rf = tmp_path / "judge.py"
+    rf.write_text("def judge(prompt, output):\n    assert isinstance(prompt, str) and prompt\n"
+                  "    return float(len(output))\n")
+    assert _gen(model_dir, q, tmp_path / "s.jsonl", "arena_hard", "--temperature", "1", "--seed", "3") == 0
+    assert cli(["eval", "--outputs", str(tmp_path / "m.jsonl"), "--baseline", str(tmp_path / "s.jsonl"),
+                "--questions", str(q), "--reward-fn", f"{rf}:judge", "--report", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["n"] == len(INSTRUCTIONS)
+
+
+def test_eval_pairs_by_instruction(tmp_path):
+    a = [{"instruction": f"i{k}", "output": "x" * (k + 2), "generator": "a", "dataset": "d"} for k in range(5)]
+    b = [{"instruction": f"i{k}", "output": "x" * 3, "generator": "b", "dataset": "d"} for k in reversed(range(6))]
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    rf = tmp_path / "judge.py"
+    rf.write_text("def judge(prompt, output):\n    return float(len(output))\n")
+    assert cli(["eval", "--outputs", str(tmp_path / "a.json"), "--baseline", str(tmp_path / "b.json"),
+                "--reward-fn", f"{rf}:judge", "--report", str(tmp_path / "r.json"), "--bootstrap", "200"]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    # outputs of length 2..6 vs 3: one loss, one tie, three wins
+    assert (r["n"], r["wins"], r["ties"], r["losses"]) == (5, 3, 1, 1)
+    assert r["win_rate"] == pytest.approx(70.0) and r["unpaired_baseline"] == 1
+    assert r["ci95_low"] <= 70.0 <= r["ci95_high"]
+    assert r["mean_chars_a"] == 4.0 and r["mean_chars_b"] == 3.0
+
+
+def test_win_rate_bootstrap_interval():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.3, 1, 400), rng.normal(0, 1, 400)
+    lens = rng.integers(50, 500, 400)
+    r = win_rate_stats(a, b, lens, lens[::-1], n_boot=500)
+    wr = 100 * np.mean(a > b)
+    assert r["win_rate"] == pytest.approx(wr)
+    se = 100 * np.sqrt(wr / 100 * (1 - wr / 100) / 400)  # binomial standard error
+    assert r["ci95_low"] < wr < r["ci95_high"]
+    assert r["ci95_high"] - r["ci95_low"] == pytest.approx(2 * 1.96 * se, rel=0.2)
+
+
+def test_logistic_fit_matches_sklearn():
+    sk = pytest.importorskip("sklearn.linear_model")
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=300)
+    y = (rng.random(300) < 1 / (1 + np.exp(-(0.4 + 1.3 * x)))).astype(float)
+    w = rng.uniform(0.2, 1.0, 300)
+    b0, b1 = fit_logistic(x, y, w)
+    ref = sk.LogisticRegression(C=1e8, tol=1e-10, max_iter=1000).fit(x[:, None], y, sample_weight=w)
+    assert b0 == pytest.approx(ref.intercept_[0], abs=1e-4) and b1 == pytest.approx(ref.coef_[0, 0], abs=1e-4)
+
+
+def test_length_controlled_win_rate_removes_length_bias():
+    rng = np.random.default_rng(2)
+    d = rng.normal(150, 200, 4000)  # length difference A - B in characters: A is longer on average
+    # a judge that only rewards length: at equal length A and B are equally good (true LC = 50%)
+    p = 1 / (1 + np.exp(-3 * np.tanh(d / d.std())))
+    outcome = (rng.random(len(d)) < p).astype(float)
+    lc, note = length_controlled_win_rate(outcome, d)
+    assert outcome.mean() > 0.65  # the raw win rate is inflated by length
+    assert abs(lc - 0.5) < 0.04 and "logistic" in note
+    # an honestly better model (+1 logit at equal length) keeps its advantage
+    better = (rng.random(len(d)) < 1 / (1 + np.exp(-(1 + 3 * np.tanh(d / d.std()))))).astype(float)
+    assert abs(length_controlled_win_rate(better, d)[0] - 1 / (1 + np.exp(-1))) < 0.04
+    ties = np.full(10, 0.5)
+    assert length_controlled_win_rate(ties, np.arange(10.0))[0] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_alpaca_eval_path_is_not_faked(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    (tmp_path / "a.json").write_text("[]")
+    if importlib.util.find_spec("alpaca_eval") is not None:
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    code = cli(["eval", "--outputs", str(tmp_path / "a.json"), "--baseline", str(tmp_path / "a.json"),
+                "--alpaca-eval"])
+    err = capsys.readouterr().err
+    assert code == 2 and ("alpaca_eval" in err or "OPENAI_API_KEY" in err) and "Traceback" not in err
