@@ -1,0 +1,104 @@
+"""treg show: token pieces, HTML heat map (one coloured span per token), summary, CLI."""
+import json
+import os
+import sys
+from html.parser import HTMLParser
+
+import datasets
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+
+from treg.cli import main as cli  # noqa: E402
+from treg.show import render_html, summary, token_pieces, worst_indices  # noqa: E402
+
+ROWS = [{"prompt": "Hi <b>", "chosen": " Sure, <b>bold</b> & café 🙂", "rejected": "\nNo."},
+        {"prompt": "Fox?", "chosen": "The quick brown fox.", "rejected": "The lazy dog dog dog."},
+        {"prompt": "Sum?", "chosen": "12345", "rejected": "3.14159"}]
+
+
+class Spans(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.spans, self._in, self.tags = [], None, []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        attrs = dict(attrs)
+        if tag == "span" and attrs.get("class") == "tok":
+            self._in = [attrs["style"], attrs["title"], ""]
+            self.spans.append(self._in)
+
+    def handle_endtag(self, tag):
+        if tag == "span":
+            self._in = None
+
+    def handle_data(self, data):
+        if self._in is not None:
+            self._in[2] += data
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("show")
+    tok = tiny_tokenizer("chatml")
+    tiny_llama(len(tok)).save_pretrained(root / "m")
+    tok.save_pretrained(root / "m")
+    (root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert cli(["annotate", "--model", str(root / "m"), "--dataset", str(root / "d.jsonl"), "--output",
+                str(root / "ann"), "--no-progress", "--device", "cpu"]) == 0
+    return root, tok, datasets.load_from_disk(str(root / "ann"))
+
+
+def test_token_pieces_split_multibyte_and_join_exactly():
+    tok = tiny_tokenizer("llama3")
+    ids = tok("café 🙂 \n  x<|eot_id|>", add_special_tokens=False)["input_ids"]
+    pieces = token_pieces(tok, ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == tok.decode(ids) == "café 🙂 \n  x<|eot_id|>"
+    assert "" in pieces  # the emoji's bytes span several tokens: earlier ones carry no text
+
+
+def test_html_one_coloured_span_per_token(annotated):
+    _, tok, ds = annotated
+    rows = ds.to_list()
+    page = render_html(rows, tok)
+    parser = Spans()
+    parser.feed(page)
+    n_tokens = sum(len(r[f"{s}_input_ids"]) for r in rows for s in ("chosen", "rejected"))
+    assert len(parser.spans) == n_tokens
+    rewards = [v for r in rows for s in ("chosen", "rejected") for v in r[f"{s}_token_rewards"]]
+    for (style, title, _), r in zip(parser.spans, rewards):
+        assert style.startswith("background:rgba(") and abs(float(title.split("=")[1]) - r) < 1e-4
+        assert style.startswith("background:rgba(30,160,60" if r > 0 else "background:rgba(215,40,40")
+    assert "b" not in parser.tags  # response text '<b>' is escaped, not markup
+    assert "".join(t for *_, t in parser.spans[:len(rows[0]["chosen_input_ids"])]) == \
+        " Sure, <b>bold</b> & café 🙂<|im_end|>"
+
+
+def test_summary_and_worst(annotated):
+    _, tok, ds = annotated
+    stats = summary(ds, tok, top=3)
+    flat = [v for r in ds["chosen_token_rewards"] for v in r]
+    assert stats["chosen"]["tokens"] == len(flat)
+    assert abs(stats["chosen"]["mean_reward"] - np.mean(flat)) < 1e-6
+    assert abs(stats["chosen"]["positive_share"] - np.mean(np.array(flat) > 0)) < 1e-9
+    neg = stats["most_negative_tokens"]
+    assert len(neg) == 3 and neg[0]["mean_reward"] <= neg[1]["mean_reward"] <= neg[2]["mean_reward"]
+    gaps = [np.mean(c) - np.mean(r) for c, r in zip(ds["chosen_token_rewards"], ds["rejected_token_rewards"])]
+    assert worst_indices(ds, 2) == list(np.argsort(gaps)[:2])
+
+
+def test_cli_show(annotated, capsys):
+    root, _, ds = annotated
+    page = root / "report" / "show.html"
+    assert cli(["show", str(root / "ann"), "--worst", "2", "--html", str(page)]) == 0
+    out = capsys.readouterr().out
+    assert "most negative tokens" in out and "mean r_hat" in out
+    parser = Spans()
+    parser.feed(page.read_text())
+    worst = worst_indices(ds, 2)
+    assert len(parser.spans) == sum(len(ds[i][f"{s}_input_ids"]) for i in worst for s in ("chosen", "rejected"))
+    assert cli(["show", str(root / "ann"), "--index", "7"]) == 2
+    assert "out of range" in capsys.readouterr().err

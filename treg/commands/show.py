@@ -1,0 +1,75 @@
+"""token-reward heat maps of an annotated dataset (terminal / HTML)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from treg.errors import TregError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="treg show",
+                                description="Summary statistics and per-token r_hat heat maps of a dataset "
+                                            "written by 'treg annotate'.")
+    p.add_argument("path", help="annotated dataset directory (output of treg annotate)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--index", type=int, default=None, help="show this pair (0-based row; default 0)")
+    which.add_argument("--worst", type=int, default=None, metavar="K",
+                       help="show the K pairs with the lowest mean r_hat(chosen) - mean r_hat(rejected)")
+    p.add_argument("--html", default=None, help="also write the shown pairs as one self-contained HTML page")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer to decode tokens (default: the model recorded in treg_meta.json)")
+    p.add_argument("--top", type=int, default=10, help="how many most-negative tokens to list (default 10)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    import datasets
+    from rich.console import Console
+
+    from treg.meta import read_meta
+    from treg.show import print_summary, render_html, render_terminal, summary, worst_indices
+
+    path = Path(args.path)
+    if not path.is_dir():
+        raise TregError("no such dataset directory", file=str(path))
+    meta = read_meta(path)
+    if meta.get("stage") != "annotate":
+        raise TregError(f"expected a dataset written by 'treg annotate', got stage '{meta.get('stage')}'",
+                        file=str(path), field="stage")
+    ds = datasets.load_from_disk(str(path))
+    name = args.tokenizer or meta.get("model")
+    if not name:
+        raise TregError("no model recorded in treg_meta.json; pass --tokenizer", file=str(path))
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise TregError(f"could not load tokenizer ({str(err).splitlines()[0]}); pass --tokenizer",
+                        file=name, field="tokenizer") from None
+    if args.worst is not None:
+        if args.worst < 1:
+            raise TregError("must be >= 1", field="worst")
+        indices = worst_indices(ds, args.worst)
+    else:
+        index = args.index or 0
+        if not 0 <= index < len(ds):
+            raise TregError(f"out of range (the dataset has {len(ds)} pairs)", field="index")
+        indices = [index]
+    rows = [ds[i] for i in indices]
+    console = Console()
+    print_summary(summary(ds, tokenizer, top=args.top), console)
+    render_terminal(rows, tokenizer, console, indices=indices)
+    if args.html:
+        out = Path(args.html)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(render_html(rows, tokenizer, title=f"T-REG token rewards: {path.name}", indices=indices))
+        os.replace(tmp, out)
+        console.print(f"wrote {out}")
+    return 0
