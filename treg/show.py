@@ -59,7 +59,8 @@ def worst_indices(dataset, k: int) -> list[int]:
 
 def summary(dataset, tokenizer=None, *, top: int = 10) -> dict:
     """Mean r_hat and share of positive tokens per side, and the ``top`` most negative tokens
-    (token ids averaged over all their occurrences, at least 2 occurrences when any id has them)."""
+    (token ids averaged over all their occurrences; only negative means; at least 2 occurrences
+    when any id has them)."""
     out = {"pairs": len(dataset)}
     ids_all, vals_all = [], []
     for side in SIDES:
@@ -72,7 +73,7 @@ def summary(dataset, tokenizer=None, *, top: int = 10) -> dict:
     ids, vals = np.concatenate(ids_all).astype(np.int64), np.concatenate(vals_all).astype(np.float64)
     uniq, inv, counts = np.unique(ids, return_inverse=True, return_counts=True)
     means = np.bincount(inv, weights=vals) / counts
-    eligible = counts >= 2 if (counts >= 2).any() else counts >= 1
+    eligible = (counts >= 2 if (counts >= 2).any() else counts >= 1) & (means < 0)
     order = [i for i in np.argsort(means, kind="stable") if eligible[i]][:top]
     out["most_negative_tokens"] = [
         {"token": tokenizer.decode([int(uniq[i])]) if tokenizer is not None else str(int(uniq[i])),
