@@ -122,17 +122,21 @@ def config_parser(prog: str = "treg train") -> HfArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str], prog: str = "treg train") -> TRegConfig:
+def parse_config(argv: list[str], prog: str = "treg train", require: tuple[str, ...] = ()) -> TRegConfig:
     """``--config run.yaml`` (optional) then ``--field value`` overrides -> a validated TRegConfig.
 
     Unknown YAML keys, unreadable YAML and invalid values raise :class:`TregError` naming the
-    file and key.
+    file and key; so does a field of ``require`` given neither in the YAML nor on the command line.
     """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     parser = config_parser(prog)
     from_yaml = load_yaml(known.config) if known.config else {}
+    given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    for name in require:
+        if name not in given and from_yaml.get(name) is None and "-h" not in argv and "--help" not in argv:
+            raise TregError(f"--{name} is required (on the command line or in the --config YAML)", field=name)
     parser.set_defaults(**from_yaml)
     try:
         config = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)[0]

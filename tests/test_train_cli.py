@@ -1,0 +1,123 @@
+"""Tests for `treg train` (treg/commands/train.py) through the in-process CLI `treg.cli.main`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from test_data import make_pairs, write_pairs  # noqa: E402
+from treg.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tiny import tiny_llama, tiny_tokenizer
+    from transformers import AutoTokenizer
+    path = tmp_path_factory.mktemp("tiny-model")
+    tok = tiny_tokenizer("llama3")
+    tiny_llama(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, AutoTokenizer.from_pretrained(path)
+
+
+def run_yaml(tmp_path, model_dir, data, **extra):
+    lines = [f"model_name_or_path: {model_dir[0]}", f"dataset_path: {data}", f"output_dir: {tmp_path / 'out'}",
+             "max_steps: 2", "per_device_train_batch_size: 4", "use_cpu: true", "save_strategy: 'no'",
+             "disable_tqdm: true", "alpha: 0.25"]
+    lines += [f"{k}: {v}" for k, v in extra.items()]
+    (tmp_path / "run.yaml").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "run.yaml")
+
+
+def test_train_cli_happy_path_yaml_and_overrides(tmp_path, model_dir, capsys):
+    data = write_pairs(tmp_path / "ann", model_dir[1], n=8)
+    rc = main(["train", "--config", run_yaml(tmp_path, model_dir, data), "--alpha", "0.5", "--max_steps", "3"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    assert out[-1].startswith("treg train: dpo-REG alpha=0.5 3 steps on 8 pairs (0 dropped)")
+    saved = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= saved
+    assert not any(name.startswith(".final-tmp") for name in saved)
+
+
+def _corrupt(dataset, column, row, fn):
+    values = list(dataset[column])
+    values[row] = fn(values[row])
+    return dataset.remove_columns(column).add_column(column, values)
+
+
+@pytest.mark.parametrize("case, row, field", [
+    ("missing_column", None, "chosen_token_rewards"),
+    ("reward_length", 2, "rejected_token_rewards"),
+    ("nan_reward", 1, "chosen_token_rewards"),
+    ("inf_reward", 3, "rejected_token_rewards"),
+    ("fingerprint", None, "tokenizer_fingerprint"),
+    ("empty", None, None),
+])
+def test_bad_input_one_line_exit_2_no_checkpoint(tmp_path, model_dir, capsys, case, row, field):
+    d = make_pairs(6)
+    if case == "missing_column":
+        d = d.remove_columns(field)
+    elif case == "reward_length":
+        d = _corrupt(d, field, row, lambda v: v[:-1])
+    elif case == "nan_reward":
+        d = _corrupt(d, field, row, lambda v: v[:-1] + [float("nan")])
+    elif case == "inf_reward":
+        d = _corrupt(d, field, row, lambda v: [float("inf")] + v[1:])
+    elif case == "empty":
+        d = d.select([])
+    tok = model_dir[1]
+    if case == "fingerprint":
+        from tiny import tiny_tokenizer
+        tok = tiny_tokenizer("chatml")
+    data = write_pairs(tmp_path / "ann", tok, d)
+    capsys.readouterr()  # drop the dataset-saving progress output
+    rc = main(["train", "--config", run_yaml(tmp_path, model_dir, data)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("treg train: error: ")
+    assert str(data) in err[0]
+    if row is not None:
+        assert f"row {row}" in err[0]
+    if field is not None:
+        assert f"field '{field}'" in err[0]
+    if case == "empty":
+        assert "empty dataset" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_mistakes_are_one_line_errors(tmp_path, model_dir, capsys):
+    data = write_pairs(tmp_path / "ann", model_dir[1], n=4)
+    capsys.readouterr()
+    cfg = run_yaml(tmp_path, model_dir, data, alhpa=0.1)
+    assert main(["train", "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert "field 'alhpa'" in err and cfg in err and "unknown option" in err
+    cfg = run_yaml(tmp_path, model_dir, data)
+    assert main(["train", "--config", cfg, "--alpha", "-1"]) == 2
+    assert "alpha must be >= 0" in capsys.readouterr().err
+    assert main(["train", "--config", cfg, "--method", "ipo"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such config file" in capsys.readouterr().err
+    assert main(["train", "--dataset_path", str(data)]) == 2
+    assert "--model_name_or_path is required" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_every_field_with_its_help(capsys):
+    import dataclasses
+    from treg.config import TRegConfig
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TRegConfig):
+        if f.init and not f.name.startswith("_"):
+            assert f"--{f.name}" in text, f.name
+    for name in ("alpha", "weighting", "precompute_ref_log_probs", "logprob_chunk_size", "lora_r"):
+        help_text = " ".join(next(f for f in dataclasses.fields(TRegConfig) if f.name == name).metadata["help"].split())
+        assert help_text[:40] in text, name
