@@ -1,0 +1,46 @@
+"""The embedded toy world (see docs/toy.md): tasks with ground-truth token credit, its tokenizer and
+the shipped tiny Llama checkpoint.
+
+``checkpoint_path()`` is the directory that ``AutoModelForCausalLM.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` load, exactly as a hub model; ``template_path(mode)`` is the toy's
+contrastive template file (annotate's YAML format).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from treg.errors import TregError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def checkpoint_path() -> str:
+    """Directory of the shipped toy checkpoint (model + tokenizer); rebuild with ``treg toy build``."""
+    path = ASSETS / "model"
+    if not (path / "config.json").exists():
+        raise TregError("the toy checkpoint is missing; rebuild it with `treg toy build`", file=str(path))
+    return str(path)
+
+
+def template_path(mode: str = "instruction") -> str:
+    """The toy's contrastive template file (``instruction`` or ``revision`` mode)."""
+    path = ASSETS / "templates" / f"toy_{mode}.yaml"
+    if not path.exists():
+        raise TregError(f"no toy template for mode '{mode}'", file=str(path))
+    return str(path)
+
+
+def load(path: str | None = None):
+    """(model, tokenizer) from a toy checkpoint directory (default: the shipped one), eval mode.
+
+    A directory that is not a loadable checkpoint is a :class:`TregError` naming it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = path or checkpoint_path()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise TregError(f"not a loadable checkpoint ({str(err).splitlines()[0]})", file=str(path)) from None
+    return model.eval(), tok
