@@ -235,7 +235,7 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
              temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 1024, seed: int = 0,
              batch_size: int = 16, prompt_column: str | None = None, split: str = "train",
              limit: int | None = None, dtype: str | None = None, use_chat_template: bool = True,
-             progress: bool = True) -> dict:
+             progress: bool = True, backend: str = "hf") -> dict:
     """Run ``treg generate``: one response per prompt (greedy when ``temperature == 0``, else seeded
     sampling as in :mod:`treg.sampling`), written as a benchmark file in ``fmt`` plus
     ``<output>.treg_meta.json``. Returns the meta."""
@@ -248,18 +248,32 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or batch_size < 1:
         raise TregError("need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1, batch_size >= 1")
     rows, label = load_prompt_rows(prompts, prompt_column=prompt_column, split=split, limit=limit)
-    model, tokenizer = load_policy(model_path, dtype=dtype)
+    if backend == "vllm":
+        import importlib.util
+        from transformers import AutoTokenizer
+        from treg.sampling import vllm_generate
+        if importlib.util.find_spec("vllm") is None:
+            raise TregError("--backend vllm needs the 'vllm' package; use --backend hf", field="backend")
+        model, tokenizer = None, AutoTokenizer.from_pretrained(model_path)
+    else:
+        model, tokenizer = load_policy(model_path, dtype=dtype)
     chat = ChatFormat(tokenizer, use_chat_template=use_chat_template, file=model_path)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(rows), desc="generate", unit="prompt")
-    outs = hf_generate(model, tokenizer, [chat.context_ids(r.messages) for r in rows],
-                       [row_seed(seed, r.prompt_id, 0) for r in rows], stop_ids=stop_token_ids(model, tokenizer, chat),
-                       temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       progress=bar.update if bar else None)
-    if bar:
-        bar.close()
+    contexts = [chat.context_ids(r.messages) for r in rows]
+    seeds = [row_seed(seed, r.prompt_id, 0) for r in rows]
+    stops = stop_token_ids(model, tokenizer, chat)
+    if backend == "vllm":
+        outs = vllm_generate(model_path, tokenizer, contexts, seeds, stop_ids=stops, temperature=temperature,
+                             top_p=top_p, max_new_tokens=max_new_tokens, dtype=dtype or "bfloat16")
+    else:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(rows), desc="generate", unit="prompt")
+        outs = hf_generate(model, tokenizer, contexts, seeds, stop_ids=stops, temperature=temperature, top_p=top_p,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           progress=bar.update if bar else None)
+        if bar:
+            bar.close()
     generator = generator or Path(model_path.rstrip("/")).name
     records = [{"prompt": r.value if isinstance(r.value, str) else r.messages, "prompt_id": r.prompt_id,
                 "dataset": r.extra.get("dataset"), "output": o["text"], "n_tokens": o["n_tokens"],
@@ -267,7 +281,7 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
     settings = {"stage": "generate", "model": path_fingerprint(model_path), "format": fmt,
                 "prompts": stable_hash([(r.prompt_id, r.messages) for r in rows]), "generator": generator,
                 "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
-                "use_chat_template": use_chat_template}
+                "use_chat_template": use_chat_template, "backend": backend}
     meta = {"stage": "generate", "model": model_path, "source": label, "format": fmt, "generator": generator,
             "prompts": len(rows), "temperature": temperature, "max_new_tokens": max_new_tokens,
             "truncated": sum(o["finish_reason"] == "length" for o in outs),

@@ -44,12 +44,13 @@ class PromptRow:
 
 
 def load_prompt_rows(source: str, *, prompt_column: str | None = None, split: str = "train",
-                     limit: int | None = None) -> tuple[list[PromptRow], str]:
+                     limit: int | None = None, dedupe: bool = False) -> tuple[list[PromptRow], str]:
     """Prompts from a JSONL/JSON/Parquet file, a ``datasets`` dir or a hub name (via treg.chat).
 
     The prompt column is ``prompt_column`` or the first of :data:`PROMPT_COLUMNS` present in the first
     row (``turns`` is Arena-Hard's ``[{"content": ...}]`` list: its contents become user turns).
-    Returns ``(rows, label)``.
+    A repeated prompt id is an error, or with ``dedupe`` its later rows are dropped (and a line
+    says how many). Returns ``(rows, label)``.
     """
     from treg.chat import normalize_messages, read_records
     records, label = read_records(source, split)
@@ -63,7 +64,7 @@ def load_prompt_rows(source: str, *, prompt_column: str | None = None, split: st
         raise TregError(f"no prompt column (looked for {', '.join(PROMPT_COLUMNS)}; have "
                         f"{', '.join(first) or 'none'}); pass --prompt-column", file=label, row=records[0][0])
     id_col = next((c for c in ID_COLUMNS if c in first and c != column), None)
-    rows, seen = [], set()
+    rows, seen, dropped = [], set(), 0
     for index, (row, rec) in enumerate(records):
         if rec.get(column) is None:
             raise TregError("missing field", file=label, row=row, field=column)
@@ -78,10 +79,16 @@ def load_prompt_rows(source: str, *, prompt_column: str | None = None, split: st
             raise TregError("a prompt must not end with an assistant turn", file=label, row=row, field=column)
         pid = str(rec[id_col]) if id_col and rec.get(id_col) is not None else str(index)
         if pid in seen:
-            raise TregError(f"duplicate prompt id {pid!r}", file=label, row=row, field=id_col or "index")
+            if dedupe:
+                dropped += 1
+                continue
+            raise TregError(f"duplicate prompt id {pid!r} (pass --dedupe to keep the first)", file=label,
+                            row=row, field=id_col or "index")
         seen.add(pid)
         extra = {k: v for k, v in rec.items() if k != column}
         rows.append(PromptRow(index=index, row=row, prompt_id=pid, value=value, messages=msgs, extra=extra))
+    if dropped:
+        print(f"treg: dropped {dropped} rows of {label} whose prompt id repeats an earlier row (--dedupe)")
     return rows, label
 
 
@@ -246,7 +253,7 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
            batch_size: int = 16, prompt_column: str | None = None, split: str = "train",
            shard_size: int = 64, overwrite: bool = False, use_chat_template: bool = True,
            dtype: str | None = None, limit: int | None = None, progress: bool = True,
-           after_shard=None) -> dict:
+           after_shard=None, dedupe: bool = False) -> dict:
     """Run ``treg sample`` (see module docstring); returns the meta written beside the dataset.
 
     Resumable: shards of ``shard_size`` prompts are written atomically under ``output/.shards``; a
@@ -267,7 +274,7 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
         raise TregError("--temperature 0 is greedy: all N responses would be identical", field="temperature")
     if backend not in ("hf", "vllm"):
         raise TregError(f"unknown backend {backend!r} (hf | vllm)", field="backend")
-    rows, label = load_prompt_rows(prompts, prompt_column=prompt_column, split=split, limit=limit)
+    rows, label = load_prompt_rows(prompts, prompt_column=prompt_column, split=split, limit=limit, dedupe=dedupe)
     state = PartialState()
     if backend == "vllm":
         import importlib.util

@@ -19,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="maximum tokens per output")
     p.add_argument("--seed", type=int, default=0, help="seed when sampling")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per generate call")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (hf backend)")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="hf: batched transformers generate; vllm: needs the vllm package (one process)")
     p.add_argument("--prompt-column", default=None,
                    help="prompt column (default: first of prompt, messages, instruction, turns)")
     p.add_argument("--split", default="train", help="split for datasets dirs with splits and hub datasets")
@@ -38,7 +40,8 @@ def main(argv: list[str]) -> int:
                     temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                     seed=args.seed, batch_size=args.batch_size, prompt_column=args.prompt_column,
                     split=args.split, limit=args.limit, dtype=args.dtype,
-                    use_chat_template=not args.no_chat_template, progress=not args.no_progress)
+                    use_chat_template=not args.no_chat_template, progress=not args.no_progress,
+                    backend=args.backend)
     print(f"treg generate: {meta['prompts']} outputs ({meta['truncated']} hit --max-new-tokens) -> "
           f"{args.output} [{args.format}]")
     return 0

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt column (default: first of prompt, messages, instruction, turns)")
     p.add_argument("--split", default="train", help="split for datasets dirs with splits and hub datasets")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--dedupe", action="store_true", help="drop rows whose prompt id repeats an earlier row "
+                   "(default: a repeated id is an error)")
     p.add_argument("--shard-size", type=int, default=64, help="prompts per resumable shard")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -42,7 +44,7 @@ def main(argv: list[str]) -> int:
                   batch_size=args.batch_size, prompt_column=args.prompt_column, split=args.split,
                   shard_size=args.shard_size, overwrite=args.overwrite,
                   use_chat_template=not args.no_chat_template, dtype=args.dtype, limit=args.limit,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, dedupe=args.dedupe)
     from accelerate import PartialState
     if PartialState().is_main_process:
         print(f"treg sample: {meta['prompts']} prompts x {meta['n']} responses -> {args.output}")
