@@ -43,9 +43,13 @@ def _grads(fn, hidden, weight, bias, targets, **kw):
     return out, torch.autograd.grad((out * upstream).sum(), params)
 
 
-@pytest.mark.parametrize("shape, chunk, softcap", [((2, 5), 3, None), ((7,), 512, None), ((3, 4), 5, 1.5)])
-def test_chunked_matches_naive_values_and_grads(shape, chunk, softcap):
+@pytest.mark.parametrize("shape, chunk, softcap, block", [((2, 5), 3, None, 8192), ((7,), 512, None, 10),
+                                                          ((3, 4), 5, 1.5, 8), ((3, 4), 2, None, 1)])
+def test_chunked_matches_naive_values_and_grads(shape, chunk, softcap, block, monkeypatch):
+    import treg.logprobs
+    monkeypatch.setattr(treg.logprobs, "VOCAB_BLOCK", block)  # backward tiles of `block` vocab entries
     hidden, weight, bias, targets = _inputs(shape)
+    targets.view(-1)[1] = -100
     ours, g_ours = _grads(chunked_token_logps, hidden, weight, bias, targets, softcap=softcap, chunk_size=chunk)
     ref, g_ref = _grads(_naive, hidden, weight, bias, targets, softcap=softcap)
     assert ours.dtype == torch.float32 and ours.shape == targets.shape
@@ -74,7 +78,9 @@ def test_ignore_index_gives_zero_and_no_gradient():
     assert out.abs().sum() == 0 and g_w.abs().sum() == 0
 
 
-def test_bf16_inputs():
+def test_bf16_inputs(monkeypatch):
+    import treg.logprobs
+    monkeypatch.setattr(treg.logprobs, "VOCAB_BLOCK", 16)
     hidden, weight, bias, targets = _inputs(dtype=torch.bfloat16)
     out, grads = _grads(chunked_token_logps, hidden, weight, bias, targets, chunk_size=4)
     ref, ref_grads = _grads(_naive, hidden, weight, bias, targets)  # fp32 math on the same bf16 values

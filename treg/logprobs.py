@@ -26,6 +26,7 @@ from torch import Tensor, nn
 __all__ = ["chunked_token_logps", "model_token_logps"]
 
 IGNORE_INDEX = -100
+VOCAB_BLOCK = 8192  # vocab entries per backward tile (bounds the float32 weight-gradient accumulator)
 _HALF = (torch.bfloat16, torch.float16)
 _mm_out_dtype_ok: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=float32) works
 
@@ -95,32 +96,54 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        """Tiles of (chunk_size rows) x (VOCAB_BLOCK vocab entries), vocab blocks outermost: the weight
+        gradient of one block is complete after its inner loop, so only a (VOCAB_BLOCK, H) float32
+        accumulator exists besides the (V, H) gradient in the weight's own dtype."""
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         softcap, chunk_size = ctx.softcap, ctx.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_out = grad_out.float()
-        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        (n_rows, width), vocab = hidden.shape, weight.shape[0]
+        block = max(1, min(vocab, VOCAB_BLOCK))
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        g_all = grad_out.float()[:, None]                                     # (N, 1)
+        grad_h = torch.zeros(n_rows, width, **f32) if need_h else None       # (N, H) f32 accumulator
+        grad_w = torch.empty_like(weight) if need_w else None                # (V, H) weight dtype
+        grad_b = torch.empty_like(bias) if need_b else None
+        acc_w = torch.empty(block, width, **f32) if need_w else None         # one block, f32
+        acc_b = torch.empty(block, **f32) if need_b else None
+        cast = weight.dtype if weight.dtype in _HALF and hidden.device.type == "cuda" else None
         with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, hidden.shape[0], chunk_size):
-                e = min(s + chunk_size, hidden.shape[0])
-                h, g = hidden[s:e], grad_out[s:e, None]                  # (n, H), (n, 1)
-                z = _tile_logits(h, weight, bias, softcap)               # (n, V) f32 recomputed
-                dcap = 1 - (z / softcap) ** 2 if softcap is not None else None  # d(c*tanh(y/c))/dy
-                grad_z = z.sub_(lse[s:e, None]).exp_().mul_(-g)          # -g * p_v   (in place)
-                grad_z.scatter_add_(1, targets[s:e, None], g)            # + g at the target
-                if dcap is not None:
-                    grad_z.mul_(dcap)
-                if need_h:
-                    grad_h[s:e] = _mm_f32(grad_z, weight)                # (n, H)
+            for v0 in range(0, vocab, block):
+                v1 = min(v0 + block, vocab)
+                w_blk, b_blk = weight[v0:v1], (bias[v0:v1] if bias is not None else None)
                 if need_w:
-                    _addmm_f32_(grad_w, grad_z.t(), h)                 # (V, H) += (V, n) @ (n, H)
+                    acc_w[: v1 - v0].zero_()
                 if need_b:
-                    grad_b += grad_z.sum(0)
-                del z, grad_z, dcap  # free this tile before the next one is allocated
-        return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None, None)
+                    acc_b[: v1 - v0].zero_()
+                for s in range(0, n_rows, chunk_size):
+                    e = min(s + chunk_size, n_rows)
+                    h, g = hidden[s:e], g_all[s:e]                           # (n, H), (n, 1)
+                    z = _tile_logits(h, w_blk, b_blk, softcap)               # (n, vb) f32, recomputed
+                    dcap = 1 - (z / softcap) ** 2 if softcap is not None else None  # d(c*tanh(y/c))/dy
+                    grad_z = z.sub_(lse[s:e, None]).exp_().mul_(-g)          # -g * p_v (in place)
+                    local = targets[s:e, None] - v0                          # target's column in block
+                    inside = (local >= 0) & (local < v1 - v0)
+                    grad_z.scatter_add_(1, local.clamp(0, v1 - v0 - 1), g * inside)  # + g at the target
+                    if dcap is not None:
+                        grad_z.mul_(dcap)
+                    gz = grad_z.to(cast) if cast is not None else grad_z     # half operands for cuBLAS
+                    if need_h:
+                        _addmm_f32_(grad_h[s:e], gz, w_blk)                  # (n, H) += (n, vb) @ (vb, H)
+                    if need_w:
+                        _addmm_f32_(acc_w[: v1 - v0], gz.t(), h)             # (vb, H) += (vb, n) @ (n, H)
+                    if need_b:
+                        acc_b[: v1 - v0] += grad_z.sum(0)
+                    del z, grad_z, gz, dcap  # free this tile before the next one is allocated
+                if need_w:
+                    grad_w[v0:v1].copy_(acc_w[: v1 - v0])
+                if need_b:
+                    grad_b[v0:v1].copy_(acc_b[: v1 - v0])
+        return (grad_h.to(hidden.dtype) if need_h else None, grad_w, grad_b, None, None, None)
 
 
 def chunked_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
