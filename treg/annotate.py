@@ -162,12 +162,14 @@ def score_sequences(model, seqs: list[tuple[list[int], list[int]]], *, batch_tok
         t0 = time.perf_counter()
         width = lengths[batch[0]]
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
         for j, i in enumerate(batch):
             ctx, resp = seqs[i]
             ids[j, :lengths[i]] = torch.tensor(ctx + resp, dtype=torch.long)
-            mask[j, :lengths[i]] = 1
-        logps = model_token_logps(model, ids.to(device), mask.to(device)).float().cpu().numpy()
+        # Right padding in a causal LM: real positions never attend to the pads after them, and
+        # positions are arange either way, so an all-ones mask gives the same log-probs at real
+        # positions (pads' own outputs are discarded) and keeps SDPA/flash on the mask-free causal path.
+        ids = ids.to(device)
+        logps = model_token_logps(model, ids, torch.ones_like(ids)).float().cpu().numpy()
         for j, i in enumerate(batch):
             start = len(seqs[i][0])
             results[i] = logps[j, start:lengths[i]].copy()
