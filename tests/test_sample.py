@@ -137,3 +137,22 @@ def test_prompt_file_without_prompt_column(model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "no prompt column" in err and "bad.jsonl" in err and "--prompt-column" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_gumbel_sampler_draws_from_the_top_p_softmax():
+    import torch
+    from treg.sampling import GumbelSampler, hashed_uniform
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -3.0])
+    rows = 40000
+    for top_p, expect in [(1.0, logits.softmax(-1)),
+                          (0.8, torch.tensor([0.6411, 0.2359, 0, 0, 0]) / 0.8770)]:  # nucleus = 2 tokens
+        picks = GumbelSampler(list(range(rows)), 1.0, top_p)(None, logits.repeat(rows, 1)).argmax(-1)
+        freq = torch.bincount(picks, minlength=5) / rows
+        assert torch.allclose(freq, expect, atol=0.01), (top_p, freq)
+    # temperature sharpens: T = 0.5 samples softmax(2 * logits)
+    picks = GumbelSampler(list(range(rows)), 0.5, 1.0)(None, logits.repeat(rows, 1)).argmax(-1)
+    assert torch.allclose(torch.bincount(picks, minlength=5) / rows, (2 * logits).softmax(-1), atol=0.01)
+    # a row's noise depends on its seed and step only
+    u = hashed_uniform([5, 6, 7], 3, 50)
+    assert torch.equal(hashed_uniform([6], 3, 50)[0], u[1]) and not torch.equal(hashed_uniform([6], 4, 50)[0], u[1])
+    assert 0 < float(u.min()) and float(u.max()) < 1

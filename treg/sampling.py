@@ -12,11 +12,11 @@ Meta: ``stage: "sample"``, model, n, temperature, top_p, max_new_tokens, seed, b
 ``tokenizer_fingerprint``, counts, ``fingerprint`` (of everything that decides the output).
 
 Reproducibility: every response ``j`` of prompt ``p`` has its own random stream, seeded by
-``row_seed(seed, prompt_id, j)``. The ``hf`` backend samples by the Gumbel-max trick with that
-stream (``argmax(logits / T + Gumbel noise)`` after top-p filtering is an exact draw from the
-top-p-truncated softmax), so a response does not depend on which other prompts share its batch,
-shard or process (up to floating-point differences of padded batched forwards). Temperature 0 is
-greedy decoding.
+``row_seed(seed, prompt_id, j)``. The ``hf`` backend samples by the Gumbel-max trick
+(``argmax(logits / T + Gumbel noise)`` after top-p filtering is an exact draw from the
+top-p-truncated softmax) with counter-based noise, a hash of (row seed, step, token): a response
+does not depend on which other prompts share its batch, shard or process, nor on the device's random
+generator (up to floating-point differences of padded batched forwards). Temperature 0 is greedy.
 """
 
 from __future__ import annotations
@@ -98,24 +98,52 @@ def row_seed(seed: int, prompt_id: str, j: int) -> int:
     return int(digest[:15], 16)
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32(x):
+    """murmur3's 32-bit finalizer on an int64 tensor of uint32 values (products wrap mod 2**64; only
+    their low 32 bits are kept, so the result is exact on every device)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def hashed_uniform(seeds, step: int, vocab: int, device=None):
+    """Uniform noise in (0, 1), float64 ``(B, vocab)``: a pure function of (seed of row b, step, token).
+
+    Counter-based (a hash, no generator state), so a row's noise is the same whatever else is in the
+    batch, and the same on CPU and CUDA. 48 random bits per value.
+    """
+    import torch
+    s = torch.as_tensor([int(v) for v in seeds], dtype=torch.int64, device=device)
+    row = _fmix32(_fmix32((s & _M32) ^ 0x9E3779B9) ^ ((s >> 32) & _M32))
+    key = _fmix32(row ^ ((step * 0x9E3779B9 + 0x7F4A7C15) & _M32))
+    tok = torch.arange(vocab, dtype=torch.int64, device=device)
+    a = _fmix32(key[:, None] ^ tok[None, :])
+    b = _fmix32(a ^ 0x68E31DA4)
+    return ((a >> 8).double() * 16777216.0 + (b >> 8).double() + 0.5) / 281474976710656.0
+
+
 class GumbelSampler:
     """A ``LogitsProcessor`` that turns greedy decoding into per-row seeded sampling.
 
     ``scores (B, V)`` -> ``scores / T`` with tokens outside the top-p nucleus set to -inf, plus
-    Gumbel noise drawn from row ``b``'s own generator. ``argmax`` of the result is a sample from the
-    truncated softmax (Gumbel-max trick). Generators live on the scores' device.
+    Gumbel noise ``-log(-log(u))`` with ``u = hashed_uniform(seeds, step, V)``. ``argmax`` of the
+    result is a sample from the truncated softmax (Gumbel-max trick). The step counter advances once
+    per call, i.e. once per generated token.
     """
 
     def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
         if temperature <= 0:
             raise ValueError("GumbelSampler needs temperature > 0 (use greedy decoding for 0)")
         self.seeds, self.temperature, self.top_p = list(seeds), float(temperature), float(top_p)
-        self.generators = None
+        self.step = 0
 
     def __call__(self, input_ids, scores):
         import torch
-        if self.generators is None:
-            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
         scores = scores.float() / self.temperature
         if self.top_p < 1.0:
             sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
@@ -124,10 +152,9 @@ class GumbelSampler:
             drop_sorted = (probs.cumsum(dim=-1) - probs) > self.top_p
             drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
             scores = scores.masked_fill(drop, float("-inf"))
-        vocab = scores.shape[-1]
-        u = torch.stack([torch.rand(vocab, generator=g, device=scores.device) for g in self.generators])
-        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
-        return scores + gumbel
+        u = hashed_uniform(self.seeds, self.step, scores.shape[-1], device=scores.device)
+        self.step += 1
+        return scores + (-torch.log(-torch.log(u))).float()
 
 
 def stop_token_ids(model, tokenizer, chat) -> list[int]:
