@@ -156,3 +156,26 @@ def test_gumbel_sampler_draws_from_the_top_p_softmax():
     u = hashed_uniform([5, 6, 7], 3, 50)
     assert torch.equal(hashed_uniform([6], 3, 50)[0], u[1]) and not torch.equal(hashed_uniform([6], 4, 50)[0], u[1])
     assert 0 < float(u.min()) and float(u.max()) < 1
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(model_dir, prompts_file, tmp_path):
+    """`accelerate launch --num_processes 2`: disjoint shards, merged by rank 0 = the one-process result."""
+    import subprocess
+    rf = tmp_path / "r.py"
+    rf.write_text("def reward(prompt, response):\n    return float(len(response))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "treg"]
+    sample_args = ["--model", model_dir, "--prompts", prompts_file, "--n", "3", "--max-new-tokens", "10",
+                   "--shard-size", "1", "--no-progress"]
+    for cmd in (["sample", *sample_args, "--output", str(tmp_path / "s2")],
+                ["score", "--samples", str(tmp_path / "s2"), "--reward-fn", f"{rf}:reward", "--shard-size", "1",
+                 "--output", str(tmp_path / "p2"), "--no-progress"]):
+        res = subprocess.run(launch + cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert cli(["sample", *sample_args, "--output", str(tmp_path / "s1")]) == 0
+    assert cli(["score", "--samples", str(tmp_path / "s1"), "--reward-fn", f"{rf}:reward", "--shard-size", "1",
+                "--output", str(tmp_path / "p1"), "--no-progress"]) == 0
+    assert _rows(tmp_path / "s2") == _rows(tmp_path / "s1")
+    assert _rows(tmp_path / "p2") == _rows(tmp_path / "p1")
