@@ -140,6 +140,26 @@ def test_model_token_logps_matches_naive_with_grads():
     assert out[0, 4].item() == pytest.approx(torch.log_softmax(logits, -1)[ids[0, 4]].item(), abs=1e-5)
 
 
+def test_positions_restrict_scoring_to_selected_tokens():
+    """positions selects which tokens are scored: equal values there, exact zeros elsewhere, and the
+    gradient equals that of the full result masked to the same positions."""
+    model = tiny_llama(50, seed=4)
+    ids, mask = _batch()
+    wanted = torch.zeros_like(mask, dtype=torch.bool)
+    wanted[0, 5:] = True
+    wanted[1, 3:6] = True
+    full = model_token_logps(model, ids, mask, chunk_size=4)
+    part = model_token_logps(model, ids, mask, chunk_size=4, positions=wanted)
+    keep = wanted & (mask != 0)
+    assert torch.allclose(part[keep], full[keep], atol=1e-6)
+    assert (part[~keep] == 0).all() and (full[~keep] != 0).any()
+    (g_part,) = torch.autograd.grad(part.sum(), [model.lm_head.weight])
+    (g_full,) = torch.autograd.grad((full * keep).sum(), [model.lm_head.weight])
+    assert torch.allclose(g_part, g_full, atol=1e-6)
+    with pytest.raises(ValueError, match="positions"):
+        model_token_logps(model, ids, mask, positions=wanted[:, :-1])
+
+
 def test_left_padding_positions():
     model = tiny_llama(50)
     ids, mask = _batch()

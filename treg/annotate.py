@@ -162,14 +162,16 @@ def score_sequences(model, seqs: list[tuple[list[int], list[int]]], *, batch_tok
         t0 = time.perf_counter()
         width = lengths[batch[0]]
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        wanted = torch.zeros((len(batch), width), dtype=torch.bool)  # response tokens only: no head on contexts
         for j, i in enumerate(batch):
             ctx, resp = seqs[i]
             ids[j, :lengths[i]] = torch.tensor(ctx + resp, dtype=torch.long)
+            wanted[j, len(ctx):lengths[i]] = True
         # Right padding in a causal LM: real positions never attend to the pads after them, and
         # positions are arange either way, so an all-ones mask gives the same log-probs at real
         # positions (pads' own outputs are discarded) and keeps SDPA/flash on the mask-free causal path.
         ids = ids.to(device)
-        logps = model_token_logps(model, ids, torch.ones_like(ids)).float().cpu().numpy()
+        logps = model_token_logps(model, ids, torch.ones_like(ids), positions=wanted.to(device)).cpu().numpy()
         for j, i in enumerate(batch):
             start = len(seqs[i][0])
             results[i] = logps[j, start:lengths[i]].copy()

@@ -251,12 +251,20 @@ def _naive_token_logps(model, input_ids, attention_mask, targets, extra) -> Tens
 
 
 def model_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, chunk_size: int = 512,
-                      naive: bool = False) -> Tensor:
+                      naive: bool = False, positions: Tensor | None = None) -> Tensor:
     """float32 (B, L): out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]); out[:, 0] = 0 and 0 where
     attention_mask is 0 (also at a left-padded row's first real token, which has no context).
-    Differentiable w.r.t. the model's parameters. input_ids, attention_mask: (B, L), right or left padded."""
+    Differentiable w.r.t. the model's parameters. input_ids, attention_mask: (B, L), right or left padded.
+
+    positions: optional (B, L) bool, the tokens whose log-probs are wanted (e.g. response tokens);
+    the others come back as 0 and the output head is not evaluated there at all, which skips the
+    (hidden x vocab) work on prompt tokens. Without it every real token is scored."""
     batch, length = input_ids.shape
     scored = (attention_mask[:, 1:] != 0) & (attention_mask[:, :-1] != 0)        # token and its context
+    if positions is not None:
+        if tuple(positions.shape) != (batch, length):
+            raise ValueError(f"positions must have shape {(batch, length)}, got {tuple(positions.shape)}")
+        scored = scored & positions[:, 1:].bool()
     targets = input_ids[:, 1:].masked_fill(~scored, IGNORE_INDEX)                 # (B, L-1)
     extra = _position_kwargs(attention_mask)
     zero_col = torch.zeros(batch, 1, dtype=torch.float32, device=input_ids.device)
