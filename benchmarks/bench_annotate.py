@@ -69,6 +69,7 @@ def throughput(model, tok, rows, batch_tokens, device):
     cfg, fmt = AnnotateConfig(batch_tokens=batch_tokens), ChatFormat(tok)
     pairs, _ = build_pairs(rows, fmt, cfg)
     seqs = [p.ctx[k] + p.resp[k[0]] for p in pairs for k in p.ctx]
+    is_resp = [[False] * len(p.ctx[k]) + [True] * len(p.resp[k[0]]) for p in pairs for k in p.ctx]
     real = sum(map(len, seqs))
     padded = sum(len(b) * len(seqs[b[0]]) for b in plan_batches([len(s) for s in seqs], batch_tokens))
     annotate_pairs(pairs[:2], model, cfg, pad_id=tok.pad_token_id)  # warm-up
@@ -88,18 +89,20 @@ def throughput(model, tok, rows, batch_tokens, device):
 
     lengths = [len(s) for s in seqs]
     flat = torch.tensor([t for s in seqs for t in s], device=device)
+    flat_resp = torch.tensor([m for s in is_resp for m in s], device=device)
     pos, jobs = 0, []
     for batch in plan_batches(lengths, batch_tokens):  # same widths, zero padding
         width, n = lengths[batch[0]], sum(lengths[i] for i in batch)
         rows_ = -(-n // width)
         chunk = torch.zeros(rows_ * width, dtype=torch.long, device=device)
-        chunk[:n] = flat[pos:pos + n]
+        wanted = torch.zeros(rows_ * width, dtype=torch.bool, device=device)
+        chunk[:n], wanted[:n] = flat[pos:pos + n], flat_resp[pos:pos + n]
         pos += n
-        jobs.append(chunk.view(rows_, width))
+        jobs.append((chunk.view(rows_, width), wanted.view(rows_, width)))
     sync(device)
     t0 = time.perf_counter()
-    for ids in jobs:
-        model_token_logps(model, ids, torch.ones_like(ids)).cpu()
+    for ids, wanted in jobs:  # the same response tokens scored (head only there), as annotate does
+        model_token_logps(model, ids, torch.ones_like(ids), positions=wanted).cpu()
     sync(device)
     t_free = time.perf_counter() - t0
     return real, padded / real, t_ann, t_naive, t_free
