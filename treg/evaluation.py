@@ -250,11 +250,10 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
     rows, label = load_prompt_rows(prompts, prompt_column=prompt_column, split=split, limit=limit)
     if backend == "vllm":
         import importlib.util
-        from transformers import AutoTokenizer
-        from treg.sampling import vllm_generate
+        from treg.sampling import load_generation_config, load_tokenizer, vllm_generate
         if importlib.util.find_spec("vllm") is None:
             raise TregError("--backend vllm needs the 'vllm' package; use --backend hf", field="backend")
-        model, tokenizer = None, AutoTokenizer.from_pretrained(model_path)
+        model, tokenizer = load_generation_config(model_path), load_tokenizer(model_path)
     else:
         model, tokenizer = load_policy(model_path, dtype=dtype)
     chat = ChatFormat(tokenizer, use_chat_template=use_chat_template, file=model_path)

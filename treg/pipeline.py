@@ -181,7 +181,7 @@ def plan(cfg: dict) -> list[Stage]:
         stages.append(Stage(f"generate:{name}", "generate", argv, files[name], launch))
     for item in cfg.get("eval", []):
         opts = dict(item)
-        name = opts.pop("name")
+        name, launch = opts.pop("name"), opts.pop("launch", None)
         if opts.pop("skip", False):
             continue
         for key in ("outputs", "baseline"):
@@ -193,7 +193,7 @@ def plan(cfg: dict) -> list[Stage]:
         opts.setdefault("outputs", files.get(name))
         report = f"{work}/eval/{name}.json"
         stages.append(Stage(f"eval:{name}", "eval", _options(opts, underscores=False) + ["--report", report],
-                            report, opts.pop("launch", None)))
+                            report, launch))
     return stages
 
 

@@ -159,13 +159,14 @@ class GumbelSampler:
 
 def stop_token_ids(model, tokenizer, chat) -> list[int]:
     """Tokens that end a response: the chat template's end-of-turn token, EOS, and the model's
-    ``generation_config.eos_token_id`` (which may be a list, as for Llama-3-Instruct)."""
+    ``generation_config.eos_token_id`` (which may be a list, as for Llama-3-Instruct). ``model`` may
+    also be a ``GenerationConfig`` or None."""
     ids = set()
     if chat.end_of_turn_ids:
         ids.add(int(chat.end_of_turn_ids[-1]))
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    gen_eos = getattr(getattr(model, "generation_config", model), "eos_token_id", None)
     if gen_eos is not None:
         ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
     if not ids:
@@ -258,6 +259,24 @@ def path_fingerprint(path: str) -> str:
                         for f in files if not f.name.startswith(".")] or [os.fspath(p)])
 
 
+def load_tokenizer(model_path: str):
+    """The policy's tokenizer (TregError if it cannot be loaded)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as err:
+        raise TregError(f"cannot load a tokenizer: {str(err).splitlines()[0]}", file=model_path) from None
+
+
+def load_generation_config(model_path: str):
+    """The model's ``GenerationConfig`` (for its EOS ids), or None when it has none."""
+    from transformers import GenerationConfig
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+
+
 def load_policy(model_path: str, *, dtype: str | None = None, device=None):
     """``(model, tokenizer)`` for generation: eval mode, bf16 on CUDA / fp32 on CPU by default."""
     import torch
@@ -311,12 +330,9 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
         if state.num_processes > 1:
             raise TregError("--backend vllm runs as one process (use its tensor parallelism), not under "
                             "accelerate launch", field="backend")
-        from transformers import AutoTokenizer
-        model, tokenizer = None, AutoTokenizer.from_pretrained(model_path)
-    else:
-        model, tokenizer = load_policy(model_path, dtype=dtype, device=state.device)
+    tokenizer = load_tokenizer(model_path)  # the model itself is loaded only if there is work left
     chat = ChatFormat(tokenizer, use_chat_template=use_chat_template, file=model_path)
-    stops = stop_token_ids(model, tokenizer, chat)
+    stops = stop_token_ids(load_generation_config(model_path), tokenizer, chat)
     settings = {"stage": "sample", "model": path_fingerprint(model_path),
                 "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                 "prompts": stable_hash([(r.prompt_id, r.messages) for r in rows]), "n": n,
@@ -327,6 +343,7 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
                            rank=state.process_index, world_size=state.num_processes,
                            barrier=state.wait_for_everyone)
     pending = writer.pending_shards()
+    model = load_policy(model_path, dtype=dtype, device=state.device)[0] if pending and backend == "hf" else None
     bar = None
     if progress and pending and state.is_main_process:
         from tqdm.auto import tqdm
