@@ -56,6 +56,19 @@ def save_final(trainer, output_dir: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def shutdown() -> None:
+    """Tear down torch.distributed, all ranks together. Call it after dropping every reference to the
+    trainer: the DDP reducer must be freed while its process group still exists, otherwise a worker
+    can hang or abort at exit (seen with gloo on CPU)."""
+    import gc
+
+    import torch.distributed as dist
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str]) -> int:
     from treg.config import parse_config
     config = parse_config(argv, prog="treg train", require=REQUIRED)
@@ -85,4 +98,6 @@ def main(argv: list[str]) -> int:
               f"{result.global_step} steps on {pairs} pairs ({trainer.dropped_pairs} dropped), "
               f"mean loss {result.training_loss:.4f}, {time.time() - start:.0f}s; "
               f"{what} + tokenizer saved to {config.output_dir}")
+    del trainer, model
+    shutdown()
     return 0
