@@ -8,7 +8,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+from tiny import tiny_tokenizer  # noqa: E402
 
 from treg.cli import main as cli  # noqa: E402
 

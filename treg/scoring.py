@@ -28,7 +28,7 @@ import importlib
 import importlib.util
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -201,7 +201,6 @@ class PairStats:
     sum_rejected: float = 0.0
     sum_len_chosen: int = 0
     sum_len_rejected: int = 0
-    extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         k = max(self.kept, 1)
