@@ -164,8 +164,6 @@ def plan(cfg: dict) -> list[Stage]:
         if name not in cfg or opts.pop("skip", False):
             continue
         argv = _options(opts, underscores=name == "train") + wiring[name]
-        if name in ("sample", "score"):
-            argv.append("--no-progress")
         stages.append(Stage(name, name, argv, out[name], launch))
     files = {}
     for item in cfg.get("generate", []):
@@ -177,7 +175,7 @@ def plan(cfg: dict) -> list[Stage]:
         files[name] = f"{work}/outputs/{name}.{EXTENSIONS.get(fmt, 'jsonl')}"
         if opts.pop("skip", False):
             continue
-        argv = _options(opts, underscores=False) + ["--model", gen_model, "--output", files[name], "--no-progress"]
+        argv = _options(opts, underscores=False) + ["--model", gen_model, "--output", files[name]]
         stages.append(Stage(f"generate:{name}", "generate", argv, files[name], launch))
     for item in cfg.get("eval", []):
         opts = dict(item)
