@@ -1,7 +1,7 @@
 """Measure what the recipes' generation and scoring paths cost and check them on a GPU.
 
-    PYTHONPATH=. python configs/measure_generation.py            # CUDA: 8B-shaped random-init Llama
-    PYTHONPATH=. python configs/measure_generation.py --small    # CPU smoke run
+    PYTHONPATH=. python benchmarks/bench_sampling.py            # CUDA: 8B-shaped random-init Llama
+    PYTHONPATH=. python benchmarks/bench_sampling.py --small    # CPU smoke run
 
 1. Correctness on the device: seeded sampling (treg.sampling.hf_generate with the Gumbel-max
    processor) gives the same responses in batches of 1 and of 6, in float32 and bfloat16; the reward
