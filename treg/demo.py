@@ -131,11 +131,13 @@ def train_policy(cfg: DemoConfig, name: str, dataset, *, lr: float, alpha: float
         alpha=alpha if spec["reg"] else 0.0,
         beta=cfg.simpo_beta if simpo else cfg.beta, gamma=cfg.simpo_gamma if simpo else 0.0,
         learning_rate=lr, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
-        lr_scheduler_type="cosine", warmup_steps=max(1, cfg.steps // 10), logging_steps=5,
+        lr_scheduler_type="cosine", warmup_steps=max(1, cfg.steps // 10), logging_steps=max(1, cfg.steps // 20),
         save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, data_seed=seed,
         use_cpu=True, max_length=128, dataloader_num_workers=0, logging_strategy="steps")
     model, tok = _load(cfg.model)
     trainer = TRegTrainer(model, args, train_dataset=dataset, processing_class=tok)
+    from transformers import PrinterCallback
+    trainer.remove_callback(PrinterCallback)  # logs stay in memory (trainer.state.log_history)
     trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
     return trainer.model.eval(), history
@@ -205,6 +207,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from treg import report
     from treg.toy import checkpoint_path, pipeline
     cfg.check()
+    _quiet_libraries()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg.model = cfg.model or checkpoint_path()
@@ -258,6 +261,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     results = report.build_results(out, config=config, wall_seconds=time.time() - t0)
     report.write_reports(out, results)
     return results
+
+
+def _quiet_libraries() -> None:
+    """No per-step prints or progress bars from transformers / datasets during the demo."""
+    import datasets
+    import transformers
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def _pair_row(row: dict) -> dict:
