@@ -145,11 +145,12 @@ def test_peft_lora_reference_is_base_model(tok, tmp_path):
 
 def test_lora_with_gradient_checkpointing_and_bf16(tok, tmp_path):
     t = TRegTrainer(tiny_llama(len(tok)), config(tmp_path, use_peft=True, lora_r=4, alpha=0.25, max_steps=2,
-                                                 gradient_checkpointing=True, bf16=True),
+                                                 activation_checkpointing=True, bf16=True),
                     make_pairs(8), processing_class=tok)
     lora_b = {n: p.detach().clone() for n, p in t.model.named_parameters() if "lora_B" in n}
     t.train()
     assert len(losses(t)) == 2 and all(torch.isfinite(torch.tensor(losses(t))))
+    assert t.model.get_base_model().is_gradient_checkpointing
     assert lora_b and all(not torch.equal(p, lora_b[n]) for n, p in t.model.named_parameters() if n in lora_b)
 
 

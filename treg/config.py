@@ -5,7 +5,8 @@ Names shared with TRL 1.16 ``DPOConfig`` mean the same thing there and here: ``b
 ``precompute_ref_log_probs``, ``precompute_ref_batch_size``, ``disable_dropout``,
 ``learning_rate`` (default 1e-6) and ``logging_steps`` (default 10). Differences from DPOConfig:
 ``precompute_ref_log_probs`` defaults to True (the reference is never held in memory), and
-``bf16`` / ``gradient_checkpointing`` keep the TrainingArguments defaults (off) so that a CPU run
+``bf16`` / ``activation_checkpointing`` (alias ``gradient_checkpointing``) keep the TrainingArguments
+defaults (off) so that a CPU run
 works out of the box. ``remove_unused_columns`` defaults to False (the collator needs every column).
 
 :func:`parse_config` reads a YAML file and applies command-line overrides on top of it.
