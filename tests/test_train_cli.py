@@ -90,6 +90,7 @@ def test_bad_input_one_line_exit_2_no_checkpoint(tmp_path, model_dir, capsys, ca
 
 
 def test_config_mistakes_are_one_line_errors(tmp_path, model_dir, capsys):
+    from transformers.integrations import get_available_reporting_integrations
     data = write_pairs(tmp_path / "ann", model_dir[1], n=4)
     capsys.readouterr()
     cfg = run_yaml(tmp_path, model_dir, data, alhpa=0.1)
@@ -103,6 +104,10 @@ def test_config_mistakes_are_one_line_errors(tmp_path, model_dir, capsys):
     assert "invalid choice" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "no such config file" in capsys.readouterr().err
+    missing = next((n for n in ("tensorboard", "wandb") if n not in get_available_reporting_integrations()), None)
+    if missing:  # a report_to integration that is not installed
+        assert main(["train", "--config", cfg, "--report_to", missing]) == 2
+        assert "field 'report_to'" in capsys.readouterr().err
     assert main(["train", "--dataset_path", str(data)]) == 2
     assert "--model_name_or_path is required" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

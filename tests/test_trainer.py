@@ -162,3 +162,16 @@ def test_simpo_and_eval_metrics(tok, tmp_path):
     t.train()
     evals = [h for h in t.state.log_history if "eval_loss" in h]
     assert len(evals) == 2 and "eval_rewards/margins" in evals[0] and "eval_treg/reg_loss" in evals[0]
+
+
+def test_evaluate_new_dataset_gets_reference_or_clear_error(tok, tmp_path):
+    from treg.errors import TregError
+    t = TRegTrainer(tiny_llama(len(tok)), config(tmp_path, alpha=0.25, max_steps=2), make_pairs(8),
+                    processing_class=tok)
+    before = t.evaluate(eval_dataset=make_pairs(4, seed=2))            # initial model: reference == policy
+    assert before["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    t.train()
+    with pytest.raises(TregError, match="already been trained"):
+        t.evaluate(eval_dataset=make_pairs(4, seed=2))
+    with_ref = t.evaluate(eval_dataset=make_pairs(4, seed=2, ref=True))
+    assert torch.isfinite(torch.tensor(with_ref["eval_loss"])) and abs(with_ref["eval_rewards/margins"]) > 1e-3

@@ -178,16 +178,17 @@ def truncate_pairs(dataset, max_length: int | None, truncation_mode: str = "keep
         return dataset, 0
     if max_length < 2:
         raise TregError("max_length must be >= 2 (a prompt token and a response token)", field="max_length")
-    prompts = dataset[PROMPT]
-    longest = max(len(p) + max(len(c), len(r)) for p, c, r in
-                  zip(prompts, dataset[IDS["chosen"]], dataset[IDS["rejected"]]))
-    if longest <= max_length:
+    import pyarrow.compute as pc
+    table = dataset.with_format("arrow")[:]
+    n = {c: pc.list_value_length(table[c]).to_numpy(zero_copy_only=False) for c in (PROMPT, *IDS.values())}
+    longest = n[PROMPT] + np.maximum(n[IDS["chosen"]], n[IDS["rejected"]])
+    if int(longest.max()) <= max_length:
         return dataset, 0
     before = len(dataset)
     if truncation_mode == "keep_start":
-        keep = [i for i, p in enumerate(prompts) if len(p) < max_length]
+        keep = np.flatnonzero(n[PROMPT] < max_length)
         if len(keep) < before:
-            dataset = dataset.select(keep)
+            dataset = dataset.select(keep.tolist())
     dropped = before - len(dataset)
     if dropped:
         logger.warning("dropped %d of %d pairs whose prompt fills max_length=%d", dropped, before, max_length)

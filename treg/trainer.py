@@ -26,6 +26,7 @@ import copy
 import logging
 from collections import defaultdict
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
@@ -75,6 +76,17 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def check_report_to(args) -> None:
+    """A ``report_to`` integration that is not installed is a user mistake (TregError), not a traceback."""
+    from transformers.integrations import get_available_reporting_integrations
+    wanted = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
+    available = set(get_available_reporting_integrations())
+    for name in wanted:
+        if name not in ("none", "all") and name not in available:
+            raise TregError(f"'{name}' is not installed (pip install {name}), or drop it from report_to",
+                            field="report_to")
+
+
 class TRegTrainer(Trainer):
     """Trainer for DPO/SimPO with token-level reward regularization.
 
@@ -96,6 +108,7 @@ class TRegTrainer(Trainer):
         if args.alpha > 0 and not set(REWARD_COLUMNS) <= set(train_dataset.column_names):
             raise TregError(f"alpha={args.alpha} needs token rewards; the dataset has no "
                             f"'{REWARD_COLUMNS[0]}' (run 'treg annotate', or set alpha 0)", field=REWARD_COLUMNS[0])
+        check_report_to(args)
         if peft_config is None and args.use_peft:
             peft_config = lora_config(args)
         if peft_config is not None:
@@ -150,6 +163,15 @@ class TRegTrainer(Trainer):
                 logps = self._token_logps(model, batch)
         return logps * batch["response_mask"]
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """As Trainer.evaluate; a dataset passed here is truncated and given reference log-probs first."""
+        if eval_dataset is not None and not isinstance(eval_dataset, (str, dict)):
+            eval_dataset, _ = truncate_pairs(eval_dataset, self.args.max_length, self.args.truncation_mode)
+            if self.args.method == "dpo" and self.args.precompute_ref_log_probs:
+                eval_dataset = self._add_reference(eval_dataset, "eval")
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
+                                metric_key_prefix=metric_key_prefix)
+
     def _add_reference(self, dataset, name: str):
         """Add ref_{chosen,rejected}_logps (+ per-token) columns unless present: one no-grad pass.
 
@@ -158,6 +180,10 @@ class TRegTrainer(Trainer):
         """
         if all(REF_SUM[s] in dataset.column_names for s in SIDES):
             return dataset
+        if self.state.global_step > 0 and not is_peft_model(self.accelerator.unwrap_model(self.model)):
+            raise TregError(f"the {name} dataset has no reference log-probs and the policy has already been "
+                            "trained; pass it before training or add ref_*_logps columns",
+                            field="precompute_ref_log_probs")
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             raise TregError("with DeepSpeed ZeRO-3, store reference log-probs in the data first "
                             "('treg annotate' writes ref_*_logps)", field="precompute_ref_log_probs")
@@ -181,9 +207,9 @@ class TRegTrainer(Trainer):
                     row = dataset[rows[at + i]]
                     out = {"index": rows[at + i]}
                     for k, side in enumerate(SIDES):
-                        values = [0.0] * len(row[IDS[side]])
+                        values = np.zeros(len(row[IDS[side]]), dtype=np.float32)
                         pos0, lo, hi = response_window(len(row[PROMPT]), len(values), max_len, mode)
-                        values[lo:hi] = tok[k * b + i, pos0 + lo:pos0 + hi].tolist()
+                        values[lo:hi] = tok[k * b + i, pos0 + lo:pos0 + hi].numpy()
                         out[REF_TOK[side]] = values
                         out[REF_SUM[side]] = float(tok[k * b + i].sum())  # == sum(values)
                     results.append(out)
