@@ -119,13 +119,14 @@ class TRegTrainer(Trainer):
             disable_dropout(model)
         if is_peft_model(model) and args.gradient_checkpointing:
             model.enable_input_require_grads()
-        self.dropped_pairs = 0
         train_dataset, self.dropped_pairs = truncate_pairs(train_dataset, args.max_length, args.truncation_mode)
         if eval_dataset is not None:
             eval_dataset, _ = truncate_pairs(eval_dataset, args.max_length, args.truncation_mode)
         needs_ref = args.method == "dpo"
-        live_copy = None
-        if needs_ref and not args.precompute_ref_log_probs and not is_peft_model(model):
+        in_data = all(REF_SUM[s] in d.column_names for d in (train_dataset, eval_dataset) if d is not None
+                      for s in SIDES)
+        live_copy = None  # full fine-tuning scored against the reference every step: a frozen copy
+        if needs_ref and not in_data and not args.precompute_ref_log_probs and not is_peft_model(model):
             live_copy = copy.deepcopy(model).eval().requires_grad_(False)
         collator = PairCollator(pad_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of)
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
