@@ -43,7 +43,7 @@ def load_model(path: str, dtype: str):
 def save_final(trainer, output_dir: str) -> None:
     """Save model + tokenizer into a temp dir beside the checkpoints, then rename each file into place."""
     out = Path(output_dir)
-    tmp = out / f".final-tmp-{os.getpid()}"
+    tmp = out / ".final-tmp"  # same path on every rank (DeepSpeed/FSDP saves are collective)
     if trainer.is_world_process_zero() and tmp.exists():
         shutil.rmtree(tmp)
     trainer.save_model(str(tmp))
