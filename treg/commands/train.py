@@ -47,6 +47,7 @@ def save_final(trainer, output_dir: str) -> None:
     if trainer.is_world_process_zero() and tmp.exists():
         shutil.rmtree(tmp)
     trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         for item in tmp.iterdir():
             dest = out / item.name
