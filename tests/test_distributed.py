@@ -85,3 +85,28 @@ def test_two_process_accelerate_matches_one_process(tmp_path):
     assert two["ref"] == pytest.approx(one["ref"], rel=1e-5)      # sharded + gathered reference pass
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
     assert two["params"] == pytest.approx(one["params"], rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_treg_train_cli_under_accelerate_two_processes(tmp_path):
+    """The documented launcher line: `accelerate launch --multi_gpu --num_processes 2 -m treg.cli train`."""
+    sys.path.insert(0, TESTS)
+    from test_data import write_pairs
+    from tiny import tiny_llama, tiny_tokenizer
+    from transformers import AutoTokenizer
+    tok = tiny_tokenizer("llama3")
+    tiny_llama(len(tok)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = write_pairs(tmp_path / "ann", AutoTokenizer.from_pretrained(tmp_path / "model"), n=8)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "treg.cli", "train",
+           "--model_name_or_path", str(tmp_path / "model"), "--dataset_path", str(data),
+           "--output_dir", str(tmp_path / "out"), "--use_cpu", "--max_steps", "2",
+           "--per_device_train_batch_size", "2", "--save_strategy", "no", "--disable_tqdm", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("treg train:")]
+    assert len(summary) == 1 and "2 steps on 8 pairs" in summary[0]   # printed by rank 0 only
+    assert (tmp_path / "out" / "model.safetensors").is_file()
