@@ -145,8 +145,9 @@ class TRegTrainer(Trainer):
     # log-probs and the reference
     # ---------------------------------------------------------------------------------------
     def _token_logps(self, model, batch) -> torch.Tensor:
-        """(2B, L) float32 log p(ids[t] | ids[<t]) of the collated batch (architecture contract)."""
+        """(2B, L) float32 log p(ids[t] | ids[<t]) at response positions of the collated batch, 0 elsewhere."""
         return model_token_logps(model, batch["input_ids"], batch["attention_mask"],
+                                 positions=batch["response_mask"].bool(),  # no output head on prompt tokens
                                  chunk_size=self.args.logprob_chunk_size)
 
     def _reference_context(self, model):
