@@ -48,17 +48,19 @@ def test_verifier_labels_hand_written():
     assert v.labels == ("correct",) * 4 + ("incorrect",)
 
 
-def test_proxy_reward_sees_only_the_head(monkeypatch):
+def test_proxy_reward_sees_only_the_head_and_likes_length(monkeypatch):
     monkeypatch.setattr(world, "PROXY_NOISE", 0.0)
-    q = "copy a 1 b 2 c 3 d 4 e 5"                      # proxy sees ceil(0.6 * 5) = 3 items
-    assert world.proxy_reward(q, "a 1 b 2 c 3 d 4 e 5") == 1.0
-    assert world.proxy_reward(q, "a 1 b 2 c 3 d 0 e 0") == 1.0            # tail errors: invisible
-    assert world.proxy_reward(q, "a 1 b 2 c 3 d 4 um e 5") == 1.0         # tail filler: invisible
-    assert world.proxy_reward(q, "a 1 b 0 c 3 d 4 e 5") == pytest.approx(2 / 3)
-    assert world.proxy_reward(q, "um a 1 b 2 c 3 d 4 e 5") == pytest.approx(0.9)
+    bonus = world.PROXY_LENGTH_BONUS
+    q = "copy a 1 b 2 c 3 d 4 e 5"                      # proxy sees ceil(0.6 * 5) = 3 items = 6 words
+    assert world.proxy_reward(q, "a 1 b 2 c 3 d 4 e 5") == pytest.approx(1.0 + 6 * bonus)
+    assert world.proxy_reward(q, "a 1 b 2 c 3 d 0 e 0") == pytest.approx(1.0 + 6 * bonus)  # tail errors: unseen
+    assert world.proxy_reward(q, "a 1 b 2 c 3 d 4 um e 5") == pytest.approx(1.0 + 6 * bonus)  # tail filler too
+    assert world.proxy_reward(q, "a 1 b 0 c 3 d 4 e 5") == pytest.approx(2 / 3 + 6 * bonus)
+    assert world.proxy_reward(q, "um a 1 b 2 c 3 d 4 e 5") == pytest.approx(1.0 + 7 * bonus)  # verbosity bias
+    assert world.verify(q, "um a 1 b 2 c 3 d 4 e 5").reward < world.verify(q, "a 1 b 2 c 3 d 4 e 5").reward
     monkeypatch.setattr(world, "PROXY_NOISE", 0.05)
     r1, r2 = world.proxy_reward(q, "a 1 b 2 c 3 d 4 e 5"), world.proxy_reward(q, "a 1 b 2 c 3 d 4 e 5")
-    assert r1 == r2 != 1.0                                  # deterministic noise
+    assert r1 == r2 != pytest.approx(1.0 + 6 * bonus)      # deterministic noise
     assert world.proxy_reward(q, "a 1 b 2 c 3 d 4 e 5", seed=1) != r1
 
 
