@@ -48,8 +48,10 @@ def main(argv: list[str]) -> int:
         print(f"toy checkpoint written to {out} ({info['parameters']:,} parameters, "
               f"final loss {info['final_loss']:.4f}, {info['train_seconds']} s)")
         return 0
+    import transformers
     from treg.toy import load
     from treg.toy.behaviour import behaviour
+    transformers.utils.logging.disable_progress_bar()
     model, tok = load(args.model)
     torch.set_grad_enabled(False)
     result = behaviour(model, tok, n_prompts=args.prompts, seed=args.seed)
