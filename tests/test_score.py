@@ -22,6 +22,8 @@ def raises(prompt, response):
     return 1.0
 def nan(prompt, response):
     return math.nan if response == "boom" else 1.0
+def string(prompt, response):
+    return "1.5" if response == "boom" else 1.0
 '''
 
 
@@ -76,7 +78,8 @@ def test_conversational_pairs_use_trl_message_lists(tmp_path, rfile):
     assert row.prompt == conv and row.chosen == "abc" and row.rejected == "a"
 
 
-@pytest.mark.parametrize("fn,needle", [("raises", "ValueError: cannot score this"), ("nan", "nan")])
+@pytest.mark.parametrize("fn,needle", [("raises", "ValueError: cannot score this"), ("nan", "nan"),
+                                       ("string", "'1.5' (str) is not a number")])
 def test_reward_fn_failure_names_row_and_writes_nothing(tmp_path, rfile, capsys, fn, needle):
     rows = [{"prompt": f"p{i}", "prompt_id": str(i), "responses": ["ok", "boom" if i == 2 else "fine"]}
             for i in range(4)]
@@ -95,6 +98,15 @@ def test_single_response_and_bad_spec(tmp_path, rfile, capsys):
     samples = _samples(tmp_path, [{"prompt": "p", "prompt_id": "0", "responses": ["a", "b"]}], "s2")
     assert _score(samples, tmp_path / "o2", "no_such_module_xyz:fn") == 2
     assert "cannot import" in capsys.readouterr().err
+    broken = tmp_path / "broken.py"
+    broken.write_text("import no_such_module_xyz\ndef f(p, r):\n    return 1.0\n")
+    assert _score(samples, tmp_path / "o2", f"{broken}:f") == 2  # a reward file whose own import fails
+    err = capsys.readouterr().err
+    assert "cannot import" in err and "no_such_module_xyz" in err and "Traceback" not in err
+    assert _score(samples, tmp_path / "o3", f"{rfile}:length", "--min-margn", "1") == 2  # misspelled flag
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --min-margn" in err and "usage:" not in err
+    assert not any((tmp_path / o).exists() for o in ("o", "o2", "o3"))
 
 
 # ------------------------------------------------------------------------------ reward models
@@ -145,6 +157,8 @@ def test_reward_model_refusals(tmp_path, capsys):
                     "--no-progress", *extra])
         return code, capsys.readouterr().err
 
+    code, err = run(str(tmp_path / "no" / "such" / "rm"))  # a missing local path: at once, no hub retries
+    assert code == 2 and "no such file or directory" in err
     code, err = run(_reward_model(tmp_path / "causal", causal=True))
     assert code == 2 and "no scalar head" in err
     code, err = run(_reward_model(tmp_path / "two", num_labels=2))

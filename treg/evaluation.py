@@ -118,52 +118,66 @@ def read_outputs(path: str, *, questions: str | None = None) -> dict[str, dict]:
     """Read a benchmark file (any of :data:`FORMATS`, detected from its content) into
     ``{key: {"prompt": str | messages, "output": str}}``, keyed by instruction text (AlpacaEval, and
     JSONL rows), or by ``question_id`` (Arena-Hard, whose prompts come from ``questions``: its
-    ``question.jsonl`` with ``turns[0].content``)."""
+    ``question.jsonl`` with ``turns[0].content``). Rows are 1-based in errors; a repeated key is an
+    error (pairing by it would silently drop rows)."""
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         raise TregError("no such file", file=path)
     text = p.read_text(encoding="utf-8")
     out: dict[str, dict] = {}
+
+    def add(key: str, row: int, prompt, output) -> None:
+        if key in out:
+            raise TregError(f"repeats the instruction / question_id {key[:60]!r} of an earlier row", file=path,
+                            row=row)
+        out[key] = {"prompt": prompt, "output": output}
+
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
             raise TregError(f"unreadable JSON ({err.msg} at line {err.lineno})", file=path) from None
-        for i, r in enumerate(rows):
+        for i, r in enumerate(rows, start=1):
             for f in ("instruction", "output"):
                 if not isinstance(r, dict) or not isinstance(r.get(f), str):
                     raise TregError("missing or non-string field", file=path, row=i, field=f)
-            out[r["instruction"]] = {"prompt": r["instruction"], "output": r["output"]}
+            add(r["instruction"], i, r["instruction"], r["output"])
         return out
-    qtext = _read_questions(questions) if questions else {}
-    for i, line in enumerate(text.splitlines()):
+    qtext = _read_questions(questions) if questions else None
+    for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
         except json.JSONDecodeError as err:
             raise TregError(f"malformed JSON line ({err.msg})", file=path, row=i) from None
+        if not isinstance(r, dict):
+            raise TregError("expected a JSON object per line", file=path, row=i)
         if "choices" in r:  # Arena-Hard model answer
             qid = str(r.get("question_id"))
             try:
                 output = r["choices"][0]["turns"][-1]["content"]
             except (KeyError, IndexError, TypeError):
                 raise TregError("no choices[0].turns[-1].content", file=path, row=i, field="choices") from None
+            if qtext is None:
+                raise TregError("Arena-Hard answers carry no prompt: pass --questions question.jsonl", file=path)
             if qid not in qtext:
-                raise TregError("question_id not found in --questions (Arena-Hard answers carry no prompt)",
-                                file=path, row=i, field="question_id")
-            out[qid] = {"prompt": qtext[qid], "output": output}
+                raise TregError(f"question_id not found in {questions}", file=path, row=i, field="question_id")
+            add(qid, i, qtext[qid], output)
         else:
             for f in ("prompt", "output"):
                 if f not in r:
                     raise TregError("missing field", file=path, row=i, field=f)
-            out[prompt_text(r["prompt"])] = {"prompt": r["prompt"], "output": r["output"]}
+            add(prompt_text(r["prompt"]), i, r["prompt"], r["output"])
     return out
 
 
 def _read_questions(path: str) -> dict[str, str]:
+    """Arena-Hard ``question.jsonl``: ``{question_id: turns[0].content}``."""
+    if not Path(path).is_file():
+        raise TregError("no such file", file=path)
     q = {}
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             try:
                 r = json.loads(line)
@@ -197,7 +211,7 @@ def length_controlled_win_rate(outcome: np.ndarray, len_diff: np.ndarray) -> tup
     outcome = np.asarray(outcome, dtype=float)
     if np.all(outcome == outcome[0]) and outcome[0] in (0.0, 1.0):
         return float(outcome.mean()), "all outcomes equal: LC = raw win rate"
-    sd = float(np.std(len_diff))
+    sd = float(np.std(len_diff, ddof=1)) if len(len_diff) > 1 else 0.0  # pandas' .std(), as AlpacaEval
     x = np.tanh(np.asarray(len_diff, float) / sd) if sd > 0 else np.zeros(len(outcome))
     # a tie counts as half a win and half a loss: two observations of weight 0.5
     xs = np.concatenate([x, x])
@@ -245,6 +259,11 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
                                stop_token_ids)
     if fmt not in FORMATS:
         raise TregError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}", field="format")
+    # alpaca_eval picks its reader by the suffix; Arena-Hard globs model_answer/*.jsonl
+    suffix = {"alpaca_eval": ".json", "arena_hard": ".jsonl"}.get(fmt)
+    if suffix and not output.endswith(suffix):
+        raise TregError(f"a --format {fmt} file must end in {suffix} (the benchmark's loader reads it by that name)",
+                        file=output)
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or batch_size < 1:
         raise TregError("need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1, batch_size >= 1")
     rows, label = load_prompt_rows(prompts, prompt_column=prompt_column, split=split, limit=limit)
@@ -291,14 +310,23 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
 
 def evaluate(outputs: str, baseline: str, *, judge: str | None = None, reward_fn: str | None = None,
              trust_remote_code: bool = False, questions: str | None = None, batch_size: int = 8,
-             n_boot: int = 2000, seed: int = 0) -> dict:
+             n_boot: int = 2000, seed: int = 0, allow_unpaired: bool = False) -> dict:
     """Run ``treg eval``: score both files' outputs with one judge, pair them by instruction (or
-    Arena-Hard ``question_id``) and return :func:`win_rate_stats` plus pairing counts."""
+    Arena-Hard ``question_id``) and return :func:`win_rate_stats` plus pairing counts.
+
+    The two files must hold the same instruction set: a row of either without a partner is an error
+    (a win rate on a silent subset is misleading) unless ``allow_unpaired``, which scores the shared
+    rows only and reports the unpaired counts."""
     from treg.scoring import make_scorer, score_rows
     a, b = read_outputs(outputs, questions=questions), read_outputs(baseline, questions=questions)
     keys = [k for k in a if k in b]
     if not keys:
         raise TregError("no instruction is shared by the two files: nothing to pair", file=baseline)
+    if not allow_unpaired and len(keys) != max(len(a), len(b)):
+        missing = next((k for k in a if k not in b), None) or next(k for k in b if k not in a)
+        raise TregError(f"the two files hold different instruction sets ({len(a) - len(keys)} of {outputs} and "
+                        f"{len(b) - len(keys)} of {baseline} unpaired, e.g. {missing[:60]!r}); pass "
+                        "--allow-unpaired to compare the shared ones only", file=baseline)
     scorer, desc = make_scorer(reward_model=judge, reward_fn=reward_fn, trust_remote_code=trust_remote_code,
                                batch_size=batch_size)
     rows = [{"prompt": a[k]["prompt"], "responses": [a[k]["output"], b[k]["output"]], "row": i + 1}

@@ -3,7 +3,7 @@
 Data contract (the samples dataset written by ``treg sample``; ``save_to_disk`` + treg_meta.json):
 
 - ``prompt``: as given in the source (str, or a list of ``{role, content}`` messages);
-- ``prompt_id`` (str): the source's ``prompt_id`` / ``question_id`` / ``id`` field, else the 0-based
+- ``prompt_id`` (str): the source's ``prompt_id`` / ``question_id`` / ``uid`` / ``id`` field, else the 0-based
   row index;
 - ``responses`` (list[str], N): decoded without special tokens, cut at the first stop token;
 - ``response_tokens`` (list[int], N): generated tokens before the stop token;
@@ -28,7 +28,7 @@ from typing import Any, Sequence
 from treg.errors import TregError
 
 PROMPT_COLUMNS = ("prompt", "messages", "instruction", "turns")
-ID_COLUMNS = ("prompt_id", "question_id", "id")
+ID_COLUMNS = ("prompt_id", "question_id", "uid", "id")  # uid: Arena-Hard v2 question files
 
 
 @dataclass
@@ -259,9 +259,20 @@ def path_fingerprint(path: str) -> str:
                         for f in files if not f.name.startswith(".")] or [os.fspath(p)])
 
 
+def check_path_exists(path: str) -> None:
+    """A missing path that cannot be a hub id (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x.jsonl``) is a
+    one-line error at once, instead of minutes of hub retries that end in a long message."""
+    import os
+    p = str(path)
+    looks_local = p.startswith((".", "/", "~")) or p.count("/") > 1 or p.endswith((".json", ".jsonl", ".parquet"))
+    if looks_local and not os.path.exists(os.path.expanduser(p)):
+        raise TregError("no such file or directory", file=p)
+
+
 def load_tokenizer(model_path: str):
     """The policy's tokenizer (TregError if it cannot be loaded)."""
     from transformers import AutoTokenizer
+    check_path_exists(model_path)
     try:
         return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
@@ -286,6 +297,7 @@ def load_policy(model_path: str, *, dtype: str | None = None, device=None):
         device = PartialState().device
     device = torch.device(device)
     dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    check_path_exists(model_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))

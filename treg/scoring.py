@@ -88,6 +88,8 @@ def check_reward_model_config(path: str, *, trust_remote_code: bool = False) -> 
     Returns the config dict.
     """
     from transformers import PretrainedConfig
+    from treg.sampling import check_path_exists
+    check_path_exists(path)
     try:
         cfg, _ = PretrainedConfig.get_config_dict(path)
     except Exception as err:
@@ -216,10 +218,13 @@ def check_scores(scores: Sequence, *, row: int, file: str | None = None) -> list
     """Every score a finite float, else a TregError naming the row and the response index."""
     out = []
     for j, s in enumerate(scores):
-        try:
+        try:  # a str ("0.7") or bool would convert silently: refuse them, they are a wrong return type
+            if isinstance(s, (str, bytes, bool)):
+                raise TypeError
             v = float(s)
         except (TypeError, ValueError):
-            raise TregError(f"score {s!r} is not a number", file=file, row=row, field=f"responses[{j}]") from None
+            raise TregError(f"score {s!r} ({type(s).__name__}) is not a number", file=file, row=row,
+                            field=f"responses[{j}]") from None
         if not math.isfinite(v):
             raise TregError(f"score is {v} (must be finite)", file=file, row=row, field=f"responses[{j}]")
         out.append(v)
@@ -264,6 +269,8 @@ def read_samples(source: str) -> tuple[list[dict], str, str]:
     source with ``prompt`` and ``responses``). Returns ``(rows, label, input_fingerprint)``."""
     from treg.chat import normalize_messages, read_records
     from treg.meta import read_meta, stable_hash
+    from treg.sampling import check_path_exists
+    check_path_exists(source)
     records, label = read_records(source)
     if not records:
         raise TregError("no rows", file=label)

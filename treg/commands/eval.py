@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from treg.commands.sample import OneLineParser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="treg eval", description=__doc__,
+    p = OneLineParser(prog="treg eval", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--outputs", required=True, help="model outputs (alpaca_eval JSON, arena_hard or treg JSONL)")
     p.add_argument("--baseline", required=True, help="baseline outputs, same kinds; paired by instruction")
@@ -22,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per judge forward")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% interval")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--allow-unpaired", action="store_true", help="compare the instructions both files share "
+                   "(default: different instruction sets are an error)")
     p.add_argument("--report", default=None, help="also write the result as JSON here")
     return p
 
@@ -53,7 +57,8 @@ def main(argv: list[str]) -> int:
         raise TregError("give a judge: --judge RM, --reward-fn module:function, or --alpaca-eval")
     r = evaluate(args.outputs, args.baseline, judge=args.judge, reward_fn=args.reward_fn,
                  trust_remote_code=args.trust_remote_code, questions=args.questions,
-                 batch_size=args.batch_size, n_boot=args.bootstrap, seed=args.seed)
+                 batch_size=args.batch_size, n_boot=args.bootstrap, seed=args.seed,
+                 allow_unpaired=args.allow_unpaired)
     print_report(r)
     if args.report:
         _atomic_write_text(args.report, json.dumps(r, indent=2) + "\n")

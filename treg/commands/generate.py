@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from treg.commands.sample import OneLineParser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="treg generate", description=__doc__,
+    p = OneLineParser(prog="treg generate", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="policy: local dir or hub name")
     p.add_argument("--prompts", required=True, help="prompts: AlpacaEval set (instruction), Arena-Hard "

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 
+from treg.commands.sample import OneLineParser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="treg pipeline", description=__doc__)
+    p = OneLineParser(prog="treg pipeline", description=__doc__)
     p.add_argument("--config", required=True, help="pipeline YAML (see configs/*/pipeline.yaml)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and what would be skipped; run nothing")
     p.add_argument("--force", nargs="*", default=[], metavar="STAGE",

@@ -5,8 +5,17 @@ from __future__ import annotations
 import argparse
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors (unknown or misspelled flags, bad values) are TregErrors: one
+    line and exit 2 from the CLI instead of a usage dump. Shared by sample/score/generate/eval/pipeline."""
+
+    def error(self, message):
+        from treg.errors import TregError
+        raise TregError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="treg sample", description=__doc__,
+    p = OneLineParser(prog="treg sample", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="policy to sample from: local dir or hub name")
     p.add_argument("--prompts", required=True,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from treg.commands.sample import OneLineParser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="treg score", description=__doc__,
+    p = OneLineParser(prog="treg score", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--samples", required=True, help="samples dataset written by `treg sample` (or JSONL/Parquet "
                    "with prompt + responses)")
