@@ -44,7 +44,12 @@ def test_alpaca_eval_file(model_dir, tmp_path):
         assert row["instruction"] == inst and row["generator"] == "tiny" and row["dataset"] == "helpful_base"
         assert isinstance(row["output"], str)
     assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()  # greedy: deterministic
-    import pandas as pd  # AlpacaEval's loader for .json model outputs is pandas.read_json
+    try:  # the alpaca_eval package's own loader, where it is installed (not a treg dependency)
+        from alpaca_eval.utils import load_or_convert_to_dataframe
+        assert len(load_or_convert_to_dataframe(str(tmp_path / "a.json"))) == len(INSTRUCTIONS)
+    except ImportError:
+        pass
+    import pandas as pd  # that loader, for a .json file, is pandas.read_json
     df = pd.read_json(tmp_path / "a.json")
     assert {"instruction", "output", "generator"} <= set(df.columns) and len(df) == len(INSTRUCTIONS)
     meta = json.loads((tmp_path / "a.json.treg_meta.json").read_text())
@@ -74,21 +79,59 @@ def test_arena_hard_file_and_eval_with_questions(model_dir, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["n"] == len(INSTRUCTIONS)
 
 
-def test_eval_pairs_by_instruction(tmp_path):
+def test_eval_pairs_by_instruction(tmp_path, capsys):
     a = [{"instruction": f"i{k}", "output": "x" * (k + 2), "generator": "a", "dataset": "d"} for k in range(5)]
     b = [{"instruction": f"i{k}", "output": "x" * 3, "generator": "b", "dataset": "d"} for k in reversed(range(6))]
     (tmp_path / "a.json").write_text(json.dumps(a))
     (tmp_path / "b.json").write_text(json.dumps(b))
     rf = tmp_path / "judge.py"
     rf.write_text("def judge(prompt, output):\n    return float(len(output))\n")
-    assert cli(["eval", "--outputs", str(tmp_path / "a.json"), "--baseline", str(tmp_path / "b.json"),
-                "--reward-fn", f"{rf}:judge", "--report", str(tmp_path / "r.json"), "--bootstrap", "200"]) == 0
+    args = ["eval", "--outputs", str(tmp_path / "a.json"), "--baseline", str(tmp_path / "b.json"),
+            "--reward-fn", f"{rf}:judge", "--report", str(tmp_path / "r.json"), "--bootstrap", "200"]
+    assert cli(args) == 2  # i5 has no partner: different instruction sets are refused by default
+    err = capsys.readouterr().err
+    assert "different instruction sets" in err and "'i5'" in err and "--allow-unpaired" in err
+    assert not (tmp_path / "r.json").exists()
+    assert cli(args + ["--allow-unpaired"]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     # outputs of length 2..6 vs 3: one loss, one tie, three wins
     assert (r["n"], r["wins"], r["ties"], r["losses"]) == (5, 3, 1, 1)
     assert r["win_rate"] == pytest.approx(70.0) and r["unpaired_baseline"] == 1
     assert r["ci95_low"] <= 70.0 <= r["ci95_high"]
     assert r["mean_chars_a"] == 4.0 and r["mean_chars_b"] == 3.0
+
+
+def test_eval_and_generate_bad_input(model_dir, tmp_path, capsys):
+    rf = tmp_path / "judge.py"
+    rf.write_text("def judge(prompt, output):\n    return float(len(output))\n")
+    ok = [{"instruction": f"i{k}", "output": "x", "generator": "a", "dataset": "d"} for k in range(3)]
+    (tmp_path / "ok.json").write_text(json.dumps(ok))
+    (tmp_path / "dup.json").write_text(json.dumps(ok + [ok[1]]))
+    q = tmp_path / "question.jsonl"
+    q.write_text(json.dumps({"question_id": "q0", "turns": [{"content": "hi"}]}) + "\n")
+    answer = {"question_id": "q0", "answer_id": "a", "model_id": "m",
+              "choices": [{"index": 0, "turns": [{"content": "x"}]}]}
+    (tmp_path / "m.jsonl").write_text(json.dumps(answer) + "\n")
+
+    def run(*argv):
+        code = cli(list(argv))
+        return code, capsys.readouterr().err
+
+    judge = ["--reward-fn", f"{rf}:judge"]
+    code, err = run("eval", "--outputs", str(tmp_path / "dup.json"), "--baseline", str(tmp_path / "ok.json"), *judge)
+    assert code == 2 and "dup.json, row 4" in err and "repeats" in err  # 1-based rows
+    code, err = run("eval", "--outputs", str(tmp_path / "m.jsonl"), "--baseline", str(tmp_path / "m.jsonl"), *judge)
+    assert code == 2 and "pass --questions" in err
+    code, err = run("eval", "--outputs", str(tmp_path / "m.jsonl"), "--baseline", str(tmp_path / "m.jsonl"), *judge,
+                    "--questions", str(tmp_path / "nope.jsonl"))
+    assert code == 2 and "nope.jsonl: no such file" in err and "Traceback" not in err
+    code, err = run("eval", "--outputs", str(tmp_path / "ok.json"), "--baseline", str(tmp_path / "ok.json"),
+                    "--judge", "rm", "--reward-fn", f"{rf}:judge")
+    assert code == 2 and "not allowed with argument" in err and "usage:" not in err
+    # AlpacaEval picks its reader by the suffix: an alpaca_eval file must be .json
+    code, err = run("generate", "--model", model_dir, "--prompts", str(tmp_path / "ok.json"), "--output",
+                    str(tmp_path / "out.jsonl"), "--format", "alpaca_eval")
+    assert code == 2 and "must end in .json" in err and not (tmp_path / "out.jsonl").exists()
 
 
 def test_win_rate_bootstrap_interval():
