@@ -169,7 +169,7 @@ BAD_ROWS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_ROWS) + ["template", "no-chat-template"])
+@pytest.mark.parametrize("case", list(BAD_ROWS) + ["template", "no-chat-template", "flag", "too-long"])
 def test_bad_input_one_line_exit_2_nothing_written(saved, tmp_path, capsys, case):
     out = tmp_path / "out"
     data = tmp_path / "d.jsonl"
@@ -187,6 +187,12 @@ def test_bad_input_one_line_exit_2_nothing_written(saved, tmp_path, capsys, case
                         "worse: [{role: user, content: '{query}'}]\n")
         argv += ["--template", str(tmpl)]
         expect = [str(tmpl), "{qury}"]
+    elif case == "flag":  # a misspelled option: one line, not argparse's usage dump
+        argv += ["--max-lenght", "5"]
+        expect = ["unrecognized arguments: --max-lenght"]
+    elif case == "too-long":  # every pair skipped: refuse instead of writing an empty dataset
+        argv += ["--max-length", "5"]
+        expect = [str(data), "field 'max-length'", "nothing written"]
     else:
         argv[argv.index("--model") + 1] = str(saved / "m_plain")
         expect = ["no-chat-template", "m_plain"]

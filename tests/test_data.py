@@ -148,7 +148,7 @@ def test_collator_truncates_exactly_like_trl(mode):
             assert int(ours["response_mask"][k * b + i].sum()) == hi - lo - (pos0 + lo == 0)
 
 
-def test_keep_start_drops_pairs_whose_prompt_fills_max_length():
+def test_keep_start_drops_pairs_whose_prompt_fills_max_length(caplog):
     d = make_pairs(4, prompt=(3, 3), response=(2, 2))  # prompts: 4 tokens
     prompts = list(d["prompt_input_ids"])
     prompts[1] = prompts[1] + [5, 6, 7]                  # row 1 prompt: 7 tokens
@@ -157,8 +157,10 @@ def test_keep_start_drops_pairs_whose_prompt_fills_max_length():
     assert dropped == 1 and len(kept) == 3
     kept_end, dropped_end = truncate_pairs(d, 7, "keep_end")
     assert dropped_end == 0 and len(kept_end) == 4
+    caplog.clear()
     with pytest.raises(TregError, match="every pair was dropped"):
         truncate_pairs(d, 3, "keep_start")
+    assert not caplog.records  # the error is the one line: no "dropped N of N" warning before it
     assert truncate_sequence([1, 2, 3], 2, "keep_end") == [2, 3]
 
 

@@ -103,3 +103,22 @@ def test_cli_show(annotated, capsys):
     assert len(parser.spans) == sum(len(ds[i][f"{s}_input_ids"]) for i in worst for s in ("chosen", "rejected"))
     assert cli(["show", str(root / "ann"), "--index", "7"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_cli_show_user_mistakes_one_line(annotated, tmp_path, capsys):
+    """Misspelled flag, another tokenizer, an empty dataset: one line, exit 2 (no usage dump, no traceback)."""
+    from treg.data import write_annotated
+    root, _, ds = annotated
+    assert cli(["show", str(root / "ann"), "--indx", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unrecognized arguments: --indx" in err
+    other = tmp_path / "llama3"
+    tiny_tokenizer("llama3").save_pretrained(other)
+    assert cli(["show", str(root / "ann"), "--tokenizer", str(other)]) == 2  # would decode to garbage
+    assert "field 'tokenizer_fingerprint'" in capsys.readouterr().err
+    meta = json.loads((root / "ann" / "treg_meta.json").read_text())
+    write_annotated(ds.select([]), tmp_path / "empty", {"tokenizer_fingerprint": meta["tokenizer_fingerprint"],
+                                                        "model": str(root / "m")})
+    assert cli(["show", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "empty dataset" in err

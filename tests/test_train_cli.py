@@ -110,6 +110,19 @@ def test_config_mistakes_are_one_line_errors(tmp_path, model_dir, capsys):
         assert "field 'report_to'" in capsys.readouterr().err
     assert main(["train", "--dataset_path", str(data)]) == 2
     assert "--model_name_or_path is required" in capsys.readouterr().err
+    # a bad value in the YAML names the file and the key (it used to name only '--alpha')
+    bad = run_yaml(tmp_path, model_dir, data, alpha="abc")
+    assert main(["train", "--config", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{bad}, field 'alpha': invalid float value" in err and len(err.splitlines()) == 1
+    # a misspelled command-line option is named as such, without blaming the YAML file
+    cfg = run_yaml(tmp_path, model_dir, data)
+    assert main(["train", "--config", cfg, "--alpah", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown option(s) --alpah 0.5" in err and cfg not in err
+    # a local model path that does not exist: one line at once, no hub lookup
+    assert main(["train", "--config", cfg, "--model_name_or_path", str(tmp_path / "nope")]) == 2
+    assert "no such model directory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

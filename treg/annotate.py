@@ -332,6 +332,11 @@ def annotate_to_disk(model, tokenizer, rows: list[PreferenceRow], out, *, cfg: A
     bar.close()
 
     def meta(ds) -> dict:
+        if len(ds) == 0:  # every pair was skipped: an empty dataset is useless downstream, keep nothing
+            import shutil
+            shutil.rmtree(writer.out, ignore_errors=True)
+            raise TregError(f"every pair is longer than --max-length {cfg.max_length} tokens (context + "
+                            "response); nothing written", file=file, field="max-length")
         return {"stage": "annotate", "tokenizer_fingerprint": tok_fp, **run_info,
                 "source": cfg.source, "template": cfg.template.text if cfg.template else None,
                 "template_mode": cfg.template.mode if cfg.template else None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,13 +141,18 @@ def parse_config(argv: list[str], prog: str = "treg train", require: tuple[str, 
             raise TregError(f"--{name} is required (on the command line or in the --config YAML)", field=name)
     parser.set_defaults(**from_yaml)
     try:
-        config = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)[0]
-    except TregError as err:
-        if err.file is None and err.field in from_yaml and f"--{err.field}" not in argv:
-            raise TregError(err.bare_message, file=known.config, field=err.field) from None
+        parsed = parser.parse_args_into_dataclasses(argv, look_for_args_file=False, return_remaining_strings=True)
+        config, unknown = parsed[0], parsed[-1]  # (TRegConfig, [namespace of --config], remaining strings)
+    except TregError as err:  # argparse: "argument --alpha: invalid float value: 'abc'"
+        match = re.match(r"argument --([\w-]+)", err.bare_message)
+        name = match.group(1).replace("-", "_") if match else None
+        if name in from_yaml and not any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv):
+            raise TregError(err.bare_message.split(": ", 1)[-1], file=known.config, field=name) from None
         raise
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError) as err:  # TrainingArguments.__post_init__ (YAML or command line)
         raise TregError(str(err).splitlines()[0], file=known.config) from None
+    if unknown:
+        raise TregError(f"unknown option(s) {' '.join(unknown)} (see '{prog} --help')")
     return config
 
 

@@ -189,12 +189,12 @@ def truncate_pairs(dataset, max_length: int | None, truncation_mode: str = "keep
         keep = np.flatnonzero(n[PROMPT] < max_length)
         if len(keep) < before:
             dataset = dataset.select(keep.tolist())
-    dropped = before - len(dataset)
-    if dropped:
-        logger.warning("dropped %d of %d pairs whose prompt fills max_length=%d", dropped, before, max_length)
     if len(dataset) == 0:
         raise TregError(f"every pair was dropped: all prompts are >= max_length={max_length} tokens",
                         field="max_length")
+    dropped = before - len(dataset)
+    if dropped:
+        logger.warning("dropped %d of %d pairs whose prompt fills max_length=%d", dropped, before, max_length)
     stale = [c for c in REF_COLUMNS if c in dataset.column_names]
     if stale:
         logger.warning("sequences longer than max_length=%d: stored reference log-probs are dropped and "

@@ -10,8 +10,23 @@ from treg.errors import TregError
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes (unknown/misspelled option, missing or invalid value) are a TregError:
+    one line and exit 2 through the CLI, instead of a usage dump. ``--help`` is unchanged."""
+
+    def error(self, message):
+        raise TregError(message)
+
+
+def check_model_path(name: str, field: str) -> None:
+    """A local-looking path (``./x``, ``/x``, ``~/x``) that does not exist is a user mistake: say so at
+    once instead of letting transformers treat it as a hub id."""
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise TregError("no such model directory", file=name, field=field)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="treg annotate",
         description="Score each response's tokens under a 'better' and a 'worse' prompt with the reference "
                     "model (r_hat = sigmoid(lp_better - lp_worse) - 0.5, METHOD.md §1) and record reference "
@@ -51,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_model(name: str, dtype: str, device, what: str):
     import torch
     from transformers import AutoModelForCausalLM
+    check_model_path(name, what)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as err:
@@ -60,6 +76,7 @@ def _load_model(name: str, dtype: str, device, what: str):
 
 def _load_tokenizer(name: str, what: str):
     from transformers import AutoTokenizer
+    check_model_path(name, what)
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
@@ -71,6 +88,9 @@ def main(argv: list[str]) -> int:
     from treg.annotate import annotate_to_disk, make_config
     from treg.chat import ChatFormat, read_preference_rows
 
+    if args.no_progress:
+        import datasets
+        datasets.disable_progress_bars()
     if args.shard_size < 1:
         raise TregError("must be >= 1", field="shard-size")
     cfg = make_config(template=args.template, source=args.source, beta=args.beta, max_length=args.max_length,
@@ -106,5 +126,6 @@ def main(argv: list[str]) -> int:
     if state.is_main_process:
         from treg.meta import read_meta
         meta = read_meta(out)
-        print(f"annotated {meta['num_pairs']} pairs ({meta['skipped_too_long']} skipped as too long) -> {out}")
+        procs = f" on {state.num_processes} processes" if state.num_processes > 1 else ""
+        print(f"annotated {meta['num_pairs']} pairs ({meta['skipped_too_long']} skipped as too long){procs} -> {out}")
     return 0

@@ -7,11 +7,12 @@ import os
 import tempfile
 from pathlib import Path
 
+from treg.commands.annotate import OneLineParser, check_model_path
 from treg.errors import TregError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="treg show",
+    p = OneLineParser(prog="treg show",
                                 description="Summary statistics and per-token r_hat heat maps of a dataset "
                                             "written by 'treg annotate'.")
     p.add_argument("path", help="annotated dataset directory (output of treg annotate)")
@@ -28,29 +29,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    import datasets
     from rich.console import Console
 
+    from treg.data import load_annotated
     from treg.meta import read_meta
     from treg.show import print_summary, render_html, render_terminal, summary, worst_indices
 
     path = Path(args.path)
     if not path.is_dir():
         raise TregError("no such dataset directory", file=str(path))
-    meta = read_meta(path)
-    if meta.get("stage") != "annotate":
-        raise TregError(f"expected a dataset written by 'treg annotate', got stage '{meta.get('stage')}'",
-                        file=str(path), field="stage")
-    ds = datasets.load_from_disk(str(path))
-    name = args.tokenizer or meta.get("model")
+    name = args.tokenizer or read_meta(path).get("model")
     if not name:
         raise TregError("no model recorded in treg_meta.json; pass --tokenizer", file=str(path))
     from transformers import AutoTokenizer
+    check_model_path(name, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise TregError(f"could not load tokenizer ({str(err).splitlines()[0]}); pass --tokenizer",
                         file=name, field="tokenizer") from None
+    # the data contract: stage, fingerprint of THIS tokenizer (else tokens decode to garbage), non-empty,
+    # one reward per token, finite values
+    ds = load_annotated(path, tokenizer).dataset
     if args.worst is not None:
         if args.worst < 1:
             raise TregError("must be >= 1", field="worst")
