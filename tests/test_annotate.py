@@ -1,7 +1,7 @@
 """treg annotate: exact token rewards / reference log-probs, resume, refusal, bad input, 2 processes."""
 import json
 import os
-import shutil
+import socket
 import subprocess
 import sys
 
@@ -161,6 +161,55 @@ def test_cli_resume_after_crash_and_refusal(saved, tok, tmp_path, capsys):
     assert _table(full) != before
 
 
+SLOW_WRITER = """
+import sys, time
+import treg.shards
+_write = treg.shards.ShardedWriter.write
+def slow_write(self, i, rows):  # widen the window between shards so the kill lands mid-run
+    _write(self, i, rows)
+    time.sleep(0.3)
+treg.shards.ShardedWriter.write = slow_write
+from treg.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_identical_dataset(saved, tmp_path):
+    """A real `kill -9` of a running `treg annotate` process (one shard per pair), as soon as a shard file
+    exists; the rerun with the same arguments resumes and equals an uninterrupted run."""
+    import signal
+    import time
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    script = tmp_path / "slow_annotate.py"
+    script.write_text(SLOW_WRITER)
+    argv = _args(saved, killed)
+    argv[argv.index("--shard-size") + 1] = "1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((killed / ".shards").glob("shard-*.parquet")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no shard written within 60 s"
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert not (killed / "treg_meta.json").exists()  # it really died mid-run
+    assert 1 <= len(list((killed / ".shards").glob("shard-*.parquet"))) < 5
+    assert cli(argv) == 0                                                     # resume
+    full_argv = _args(saved, full)
+    full_argv[full_argv.index("--shard-size") + 1] = "1"
+    assert cli(full_argv) == 0                                                # uninterrupted
+    assert _table(killed) == _table(full)
+    assert not (killed / ".shards").exists() and not list(tmp_path.glob(".killed.*"))
+
+
 BAD_ROWS = {
     "malformed": ('{"prompt": "q", "chosen": "a"', 2, None),
     "missing": ({"prompt": "q", "chosen": "a"}, 2, "rejected"),
@@ -209,13 +258,20 @@ def test_bad_input_one_line_exit_2_nothing_written(saved, tmp_path, capsys, case
 def test_accelerate_two_processes_equal_one(saved, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli(_args(saved, one)) == 0
-    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    # accelerate 1.15: `--cpu --num_processes 2` starts ONE process (its CPU multi-process mode needs MPI),
+    # which made this test compare one process with one process. `--multi_gpu` + `--device cpu` starts two
+    # torch.distributed workers on CPU (gloo); the summary line says how many processes took part.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "treg",
-                           *_args(saved, two)[:-2]], env=env, capture_output=True, text=True, timeout=240)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(port), "-m", "treg", *_args(saved, two)],
+                          env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("annotated 5 pairs") == 1  # two ranks, only rank 0 merges and reports
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("annotated 5 pairs")]
+    assert len(lines) == 1 and "on 2 processes" in lines[0]  # two ranks; only rank 0 merges and reports
     assert _table(two) == _table(one)
     assert json.loads((two / "treg_meta.json").read_text())["fingerprint"] == \
         json.loads((one / "treg_meta.json").read_text())["fingerprint"]
