@@ -2,7 +2,6 @@
 TRegConfig (HfArgumentParser), accelerate's config dataclass and launch options, the DeepSpeed JSON as
 the HF Trainer fills it, the pipeline planner and every command-line option in the run scripts."""
 
-import dataclasses
 import json
 import shlex
 import subprocess
@@ -89,12 +88,8 @@ def test_deepspeed_json_is_filled_by_the_trainer(path, train, monkeypatch):
 
 
 def _known_options(command):
-    import importlib
-    from treg.config import TRegConfig
-    if command == "train":
-        return {"--" + f.name for f in dataclasses.fields(TRegConfig) if f.init} | {"--config"}
-    parser = importlib.import_module(f"treg.commands.{command}").build_parser()
-    return {s for a in parser._actions for s in a.option_strings}
+    from treg.pipeline import known_options
+    return known_options(command)
 
 
 @pytest.mark.parametrize("path", PIPES, ids=lambda p: p.parent.name)

@@ -114,3 +114,11 @@ def test_bad_pipeline_configs(tmp_path, capsys):
                                    "eval": [{"name": "x", "outputs": "@nope", "baseline": "b.json"}]}))
     assert cli(["pipeline", "--config", str(bad)]) == 2
     assert "@nope" in capsys.readouterr().err
+    # a misspelled stage option is refused before any stage runs
+    bad.write_text(yaml.safe_dump({"workdir": str(tmp_path / "w"), "model": "m",
+                                   "sample": {"prompts": "p.jsonl", "max_new_tokns": 8},
+                                   "train": {"max_steps": 1}}))
+    assert cli(["pipeline", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "field 'sample.max_new_tokns'" in err and "unknown option of treg sample" in err
+    assert not (tmp_path / "w").exists()

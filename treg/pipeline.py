@@ -195,6 +195,27 @@ def plan(cfg: dict) -> list[Stage]:
     return stages
 
 
+def known_options(command: str) -> set[str]:
+    """The ``--flags`` a stage's command accepts (train: every TRegConfig field plus ``--config``)."""
+    import dataclasses
+    import importlib
+    if command == "train":
+        from treg.config import TRegConfig
+        return {"--" + f.name for f in dataclasses.fields(TRegConfig) if f.init} | {"--config"}
+    parser = importlib.import_module(f"treg.commands.{command}").build_parser()
+    return {s for a in parser._actions for s in a.option_strings}
+
+
+def check_options(stages: list[Stage], config_path: str) -> None:
+    """Refuse an unknown option in any stage before the first stage runs (not hours later)."""
+    for stage in stages:
+        bad = [a for a in stage.argv if a.startswith("--") and a not in known_options(stage.command)]
+        if bad:
+            key = bad[0][2:] if stage.command == "train" else bad[0][2:].replace("-", "_")
+            raise TregError(f"unknown option of treg {stage.command} (see treg {stage.command} --help)",
+                            file=config_path, field=f"{stage.name.replace(':', '.')}.{key}")
+
+
 # --------------------------------------------------------------------------- running
 
 def _read_state(work: str) -> dict:
@@ -249,6 +270,7 @@ def run_pipeline(config_path: str, *, dry_run: bool = False, force: tuple[str, .
     """Run (or with ``dry_run`` only plan) the pipeline; returns ``[(stage, "run"|"skip", reason)]``."""
     cfg = load_config(config_path)
     stages = plan(cfg)
+    check_options(stages, config_path)
     names = [s.name for s in stages]
     for f in (*force, *([until] if until else [])):
         if f not in names and f not in {s.command for s in stages}:
