@@ -133,12 +133,20 @@ def test_reward_model_batched_equals_direct_and_scores(tmp_path):
     prompts = ["Hello there", "What is a fox?", [{"role": "user", "content": "Say hi"}], "x"]
     responses = ["Sure, here is a concise answer.", "A fox.", "hi", "The quick brown fox jumps over the lazy dog."]
     got = scorer(prompts, responses)
-    for p, r, g in zip(prompts, responses, got):
-        ids = torch.tensor([scorer.encode(p, r)])
-        with torch.no_grad():
-            direct = scorer.model(input_ids=ids).logits[0, 0].item()  # one unpadded sequence
-        assert abs(direct - g) < 1e-5
+
+    def check_direct(scores):
+        for p, r, g in zip(prompts, responses, scores):
+            ids = torch.tensor([scorer.encode(p, r)])
+            with torch.no_grad():
+                direct = scorer.model(input_ids=ids).logits[0, 0].item()  # one unpadded sequence
+            assert abs(direct - g) < 1e-5
+
+    check_direct(got)
     assert len(set(got)) == len(got)
+    # pad id = the end-of-turn token every sequence ends with: padded batches still equal single forwards
+    scorer.pad_id = scorer.model.config.pad_token_id = scorer.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert all(scorer.encode(p, r)[-1] == scorer.pad_id for p, r in zip(prompts, responses))
+    check_direct(scorer(prompts, responses))
     samples = _samples(tmp_path, [{"prompt": p, "prompt_id": str(i), "responses": responses}
                                   for i, p in enumerate(["Hello there", "Say hi"])])
     assert cli(["score", "--samples", samples, "--reward-model", rm, "--output", str(tmp_path / "pairs"),

@@ -165,16 +165,13 @@ class RewardModelScorer:
         seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
         scores: list[float | None] = [None] * len(seqs)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        # a sequence ending in the pad id would be mis-pooled when padded: score it alone
-        alone_set = {i for i in order if self.batch_size == 1 or seqs[i][-1] == self.pad_id}
-        alone = [i for i in order if i in alone_set]
-        batched = [i for i in order if i not in alone_set]
-        groups = [[i] for i in alone] + [batched[k:k + self.batch_size]
-                                         for k in range(0, len(batched), self.batch_size)]
+        # Right padding cannot move the pooled position: transformers pools the rightmost non-pad token,
+        # the same one with or without padding (batch_size is 1 when there is no pad id).
+        groups = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        pad = self.pad_id if self.pad_id is not None else 0
         with torch.no_grad():
             for group in groups:
                 width = max(len(seqs[i]) for i in group)
-                pad = self.pad_id if self.pad_id is not None else 0
                 ids = torch.tensor([seqs[i] + [pad] * (width - len(seqs[i])) for i in group], device=self.device)
                 mask = torch.tensor([[1] * len(seqs[i]) + [0] * (width - len(seqs[i])) for i in group],
                                     device=self.device)
