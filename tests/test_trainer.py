@@ -76,10 +76,18 @@ def test_alpha0_reproduces_trl_dpo_trainer(tok, tmp_path):
 
 
 def test_gradient_accumulation_equals_big_batch(tok, tmp_path):
-    """2 micro-batches of 2 accumulated == 1 batch of 4: same logged losses and final parameters."""
-    big = train(tok, tmp_path / "big", per_device_train_batch_size=4, max_steps=3)
-    acc = train(tok, tmp_path / "acc", per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3)
+    """2 micro-batches of 2 accumulated == 1 batch of 4: same logged losses, logged metrics (including the
+    token-pooled ones, whose micro-batches hold different token counts) and final parameters."""
+    from treg.trainer import METRIC_KEYS
+    big = train(tok, tmp_path / "big", per_device_train_batch_size=4, max_steps=3, alpha=0.25)
+    acc = train(tok, tmp_path / "acc", per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
+                alpha=0.25)
     assert torch.allclose(torch.tensor(losses(big)), torch.tensor(losses(acc)), rtol=1e-5)
+    logs = [[h for h in t.state.log_history if "loss" in h] for t in (big, acc)]
+    for key in METRIC_KEYS:
+        # step 1: policy == reference, so the sign of logp - ref behind credit_agreement is float noise
+        a, b = ([h[key] if key != "treg/credit_agreement" or h["step"] > 1 else 0.0 for h in log] for log in logs)
+        assert len(a) == 3 and torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-6), key
     for (name, p), q in zip(big.model.named_parameters(), acc.model.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
 

@@ -41,7 +41,7 @@ from treg.logprobs import model_token_logps
 
 logger = logging.getLogger(__name__)
 
-# Fixed order so that every process gathers the same vector (a metric a process lacks is NaN).
+# Fixed order so that every process gathers the same vector (a metric a process lacks weighs 0).
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected", "treg/reg_loss", "treg/seq_weight", "treg/token_reward_mean_chosen",
                "treg/token_reward_mean_rejected", "treg/credit_agreement")
@@ -132,7 +132,7 @@ class TRegTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics = {m: defaultdict(lambda: [0.0, 0.0]) for m in ("train", "eval")}  # key -> [sum v*w, sum w]
         self.ref_model = None
         if live_copy is not None:
             self.ref_model = self.accelerator.prepare_model(live_copy.to(self.args.device), evaluation_mode=True)
@@ -248,24 +248,36 @@ class TRegTrainer(Trainer):
                         weighting=args.weighting,
                         ref_chosen_token_logps=ref_tok[:b] if ref_tok is not None else None,
                         ref_rejected_token_logps=ref_tok[b:] if ref_tok is not None else None)
-        self._record("train" if model.training else "eval", out.metrics)
+        # What each metric is a mean over: pairs, except the token-pooled ones (losses.py).
+        weights = {"treg/token_reward_mean_chosen": mask[:b].sum(), "treg/token_reward_mean_rejected": mask[b:].sum()}
+        if rewards is not None:
+            weights["treg/credit_agreement"] = (mask & (rewards != 0)).sum()
+        self._record("train" if model.training else "eval", out.metrics, weights, pairs=b)
         return (out.loss, out) if return_outputs else out.loss
 
-    def _record(self, mode: str, metrics: dict[str, float]) -> None:
-        """Store this step's metrics, averaged over processes (NaN = absent on a process)."""
+    def _record(self, mode: str, metrics: dict[str, float], weights: dict, *, pairs: int) -> None:
+        """Accumulate ``(sum of value * weight, sum of weight)`` per metric over micro-batches, steps and
+        processes, so that a logged value is the mean over everything it covers: k accumulated
+        micro-batches give the big batch's value, and token-pooled metrics stay pooled over tokens.
+        ``weights``: metric -> count it averages over (default ``pairs``); absent metrics weigh 0."""
         keys = list(METRIC_KEYS) + sorted(k for k in metrics if k not in METRIC_KEYS)
-        values = torch.tensor([metrics.get(k, float("nan")) for k in keys], dtype=torch.float32,
-                              device=self.accelerator.device)
+        device = self.accelerator.device
+        w = torch.stack([torch.as_tensor(weights.get(k, pairs) if k in metrics else 0, dtype=torch.float32)
+                         .to(device) for k in keys])
+        v = torch.tensor([metrics.get(k, 0.0) for k in keys], dtype=torch.float32, device=device)
+        both = torch.stack([v * w, w])                                   # (2, K)
         if self.accelerator.num_processes > 1:
-            values = self.accelerator.gather(values[None]).nanmean(0)
-        for key, value in zip(keys, values.tolist()):
-            if value == value:  # not NaN: the metric exists for this step
-                self._metrics[mode][key].append(value)
+            both = self.accelerator.gather(both[None]).sum(0)
+        for key, (vw, wt) in zip(keys, both.t().tolist()):
+            if wt > 0:  # the metric exists for this step
+                acc = self._metrics[mode][key]
+                acc[0] += vw
+                acc[1] += wt
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the metrics averaged since the last log (as TRL does), then log."""
+        """Add the metrics since the last log (weighted means, see ``_record``), then log."""
         mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(v) / len(v) for key, v in self._metrics[mode].items() if v}
+        metrics = {key: vw / wt for key, (vw, wt) in self._metrics[mode].items()}
         if mode == "train":
             metrics["data/dropped_pairs"] = float(self.dropped_pairs)
         else:
