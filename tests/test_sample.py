@@ -92,6 +92,7 @@ def test_greedy_is_deterministic_and_batch_independent(model_dir):
     (["--prompt-column", "question"], "field 'question'"),
     (["--backend", "vllm"], "vllm"),
     (["--max-new-tokns", "3"], "unrecognized arguments: --max-new-tokns"),  # a misspelled flag: one line
+    (["--limit", "-1"], "need at least 1 prompt"),  # would silently drop the last prompt
 ])
 def test_bad_arguments(model_dir, prompts_file, tmp_path, capsys, argv, needle):
     out = tmp_path / "o"

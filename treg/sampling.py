@@ -57,6 +57,8 @@ def load_prompt_rows(source: str, *, prompt_column: str | None = None, split: st
     if not records:
         raise TregError("no rows", file=label)
     if limit is not None:
+        if limit < 1:
+            raise TregError(f"--limit {limit}: need at least 1 prompt", field="limit")
         records = records[:limit]
     first = records[0][1]
     column = prompt_column or next((c for c in PROMPT_COLUMNS if c in first), None)
