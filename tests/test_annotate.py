@@ -89,6 +89,28 @@ def test_dpo_and_sft_sources(tok, model):
         annotate(model, tok, ROWS[:1], source="dpo", progress=False)
 
 
+def test_stored_reference_sums_the_tokens_the_trainer_scores(tok, model, tmp_path):
+    """annotate's ref_*_logps cover exactly the response tokens the trainer's policy sums (end-of-turn
+    included): the trainer's own reference pass gives the same numbers, and with the annotated columns
+    the untrained policy has zero implicit rewards (policy == reference)."""
+    import copy
+    from treg.config import TRegConfig
+    from treg.trainer import TRegTrainer
+    ds = annotate(model, tok, ROWS, progress=False)
+    stored = [c for c in ds.column_names if c.startswith("ref_")]
+    args = TRegConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", alpha=0.25, disable_tqdm=True,
+                      per_device_eval_batch_size=5)
+    trainer = TRegTrainer(copy.deepcopy(model), args, ds.remove_columns(stored), processing_class=tok)
+    for col in stored:
+        got, want = trainer.train_dataset[col], ds[col]
+        if col.endswith("token_logps"):
+            got, want = [v for r in got for v in r], [v for r in want for v in r]
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5, err_msg=col)
+    metrics = trainer.evaluate(eval_dataset=ds)  # the annotated reference columns as they are
+    assert abs(metrics["eval_rewards/chosen"]) < 1e-5 and abs(metrics["eval_rewards/rejected"]) < 1e-5
+    assert metrics["eval_logps/chosen"] == pytest.approx(np.mean(ds["ref_chosen_logps"]), rel=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_non_finite_reward_names_the_row(tok):
     broken = tiny_llama(len(tok))
