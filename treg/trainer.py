@@ -241,13 +241,15 @@ class TRegTrainer(Trainer):
         if args.method == "dpo" and ref_w is None:                 # live reference (no precompute)
             ref_tok = self._reference_logps(inputs)
             ref_w, ref_l = ref_tok[:b].sum(1), ref_tok[b:].sum(1)
-        out = treg_loss(logps[:b], logps[b:], mask[:b], mask[b:],  # METHOD.md §3 (dpo) / §4 (simpo)
-                        rewards[:b] if rewards is not None else None, rewards[b:] if rewards is not None else None,
+
+        def halves(x):  # rows [chosen; rejected] -> (chosen, rejected); None stays None
+            return (None, None) if x is None else (x[:b], x[b:])
+
+        ref_tok_w, ref_tok_l = halves(ref_tok)
+        out = treg_loss(*halves(logps), *halves(mask), *halves(rewards),  # METHOD.md §3 (dpo) / §4 (simpo)
                         ref_w, ref_l, method=args.method, beta=args.beta,
                         gamma=args.gamma if args.method == "simpo" else 0.0, alpha=args.alpha,
-                        weighting=args.weighting,
-                        ref_chosen_token_logps=ref_tok[:b] if ref_tok is not None else None,
-                        ref_rejected_token_logps=ref_tok[b:] if ref_tok is not None else None)
+                        weighting=args.weighting, ref_chosen_token_logps=ref_tok_w, ref_rejected_token_logps=ref_tok_l)
         # What each metric is a mean over: pairs, except the token-pooled ones (losses.py).
         weights = {"treg/token_reward_mean_chosen": mask[:b].sum(), "treg/token_reward_mean_rejected": mask[b:].sum()}
         if rewards is not None:
