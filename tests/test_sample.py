@@ -156,6 +156,37 @@ def test_sigkill_and_resume_is_identical(model_dir, tmp_path):
     assert code == 2 and _rows(out) == _rows(tmp_path / "full")
 
 
+def test_vllm_backend_wiring_with_a_fake_engine(model_dir, prompts_file, tmp_path, monkeypatch):
+    """No vllm here: a stand-in module checks what treg hands vLLM (token-id prompts, one seed per
+    response, stop ids, tensor parallelism) and that the output schema equals the hf backend's."""
+    import importlib.machinery
+    import types
+    from treg.sampling import row_seed
+    calls = {}
+
+    class LLM:
+        def __init__(self, **kw):
+            calls["init"] = kw
+
+        def generate(self, prompts, params):
+            calls.setdefault("seeds", []).extend(p.seed for p in params)
+            stop = params[0].stop_token_ids[0]
+            out = types.SimpleNamespace(text="ok", token_ids=[7, 8, stop], finish_reason="stop")
+            return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+
+    fake = types.ModuleType("vllm")
+    fake.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    fake.LLM, fake.SamplingParams = LLM, lambda **kw: types.SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    assert cli(["sample", "--model", model_dir, "--prompts", prompts_file, "--output", str(tmp_path / "v"),
+                "--n", "2", "--backend", "vllm", "--tensor-parallel-size", "4", "--seed", "5", "--no-progress"]) == 0
+    assert calls["init"] == {"model": model_dir, "dtype": "bfloat16", "tensor_parallel_size": 4}
+    assert calls["seeds"] == [row_seed(5, f"p{i}", j) for i in range(len(PROMPTS)) for j in range(2)]
+    rows = _rows(tmp_path / "v")
+    assert rows[0]["responses"] == ["ok", "ok"] and rows[0]["response_tokens"] == [2, 2]
+    assert set(rows[0]) == {"prompt", "prompt_id", "responses", "response_tokens", "finish_reasons"}  # as hf
+
+
 def test_gumbel_sampler_draws_from_the_top_p_softmax():
     import torch
     from treg.sampling import GumbelSampler, hashed_uniform

@@ -249,7 +249,7 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
              temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 1024, seed: int = 0,
              batch_size: int = 16, prompt_column: str | None = None, split: str = "train",
              limit: int | None = None, dtype: str | None = None, use_chat_template: bool = True,
-             progress: bool = True, backend: str = "hf") -> dict:
+             progress: bool = True, backend: str = "hf", tensor_parallel_size: int = 1) -> dict:
     """Run ``treg generate``: one response per prompt (greedy when ``temperature == 0``, else seeded
     sampling as in :mod:`treg.sampling`), written as a benchmark file in ``fmt`` plus
     ``<output>.treg_meta.json``. Returns the meta."""
@@ -269,7 +269,7 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
     rows, label = load_prompt_rows(prompts, prompt_column=prompt_column, split=split, limit=limit)
     if backend == "vllm":
         import importlib.util
-        from treg.sampling import load_generation_config, load_tokenizer, vllm_generate
+        from treg.sampling import load_generation_config, load_tokenizer, vllm_engine, vllm_generate
         if importlib.util.find_spec("vllm") is None:
             raise TregError("--backend vllm needs the 'vllm' package; use --backend hf", field="backend")
         model, tokenizer = load_generation_config(model_path), load_tokenizer(model_path)
@@ -280,8 +280,9 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
     seeds = [row_seed(seed, r.prompt_id, 0) for r in rows]
     stops = stop_token_ids(model, tokenizer, chat)
     if backend == "vllm":
-        outs = vllm_generate(model_path, tokenizer, contexts, seeds, stop_ids=stops, temperature=temperature,
-                             top_p=top_p, max_new_tokens=max_new_tokens, dtype=dtype or "bfloat16")
+        llm = vllm_engine(model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
+        outs = vllm_generate(llm, contexts, seeds, stop_ids=stops, temperature=temperature, top_p=top_p,
+                             max_new_tokens=max_new_tokens)
     else:
         bar = None
         if progress:

@@ -218,29 +218,30 @@ def hf_generate(model, tokenizer, contexts: Sequence[list[int]], seeds: Sequence
     return results
 
 
-def vllm_generate(model_path: str, tokenizer, contexts: Sequence[list[int]], seeds: Sequence[int], *,
-                  stop_ids: list[int], temperature: float, top_p: float, max_new_tokens: int,
-                  dtype: str = "bfloat16", tensor_parallel_size: int = 1, llm=None) -> list[dict]:
-    """The vLLM path (not tested in this project: no GPU / vllm in CI). Same output as :func:`hf_generate`.
-
-    One request per response with its own ``SamplingParams(seed=...)``, as the SimPO recipe seeds
-    each of its samples; prompts are passed as token ids so the chat template is applied once, here.
-    """
+def vllm_engine(model_path: str, *, dtype: str | None = None, tensor_parallel_size: int = 1):
+    """A ``vllm.LLM`` for ``model_path`` (bf16 by default; ``tensor_parallel_size`` GPUs). The vLLM path
+    is not run in this project (no GPU / vllm in CI)."""
     try:
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
     except ImportError:
         raise TregError("--backend vllm needs the 'vllm' package (pip install vllm); use --backend hf") from None
-    llm = llm or LLM(model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
+    return LLM(model=model_path, dtype=dtype or "bfloat16", tensor_parallel_size=tensor_parallel_size)
+
+
+def vllm_generate(llm, contexts: Sequence[list[int]], seeds: Sequence[int], *, stop_ids: list[int],
+                  temperature: float, top_p: float, max_new_tokens: int) -> list[dict]:
+    """Same contract as :func:`hf_generate`, on a :func:`vllm_engine`. One request per response with its
+    own ``SamplingParams(seed=...)``, as the SimPO recipe seeds each of its samples; prompts are passed
+    as token ids so the chat template is applied once, here."""
+    from vllm import SamplingParams
     params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                              max_tokens=max_new_tokens, seed=s, stop_token_ids=stop_ids,
                              skip_special_tokens=True) for s in seeds]
-    prompts = [{"prompt_token_ids": list(c)} for c in contexts]
-    outs = llm.generate(prompts, params)
-    results = []
+    outs = llm.generate([{"prompt_token_ids": list(c)} for c in contexts], params)
+    stop, results = set(stop_ids), []
     for o in outs:
         c = o.outputs[0]
-        toks = [t for t in c.token_ids if t not in set(stop_ids)]
-        results.append({"text": c.text, "n_tokens": len(toks),
+        results.append({"text": c.text, "n_tokens": sum(t not in stop for t in c.token_ids),
                         "finish_reason": "length" if c.finish_reason == "length" else "stop"})
     return results
 
@@ -313,13 +314,14 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
            batch_size: int = 16, prompt_column: str | None = None, split: str = "train",
            shard_size: int = 64, overwrite: bool = False, use_chat_template: bool = True,
            dtype: str | None = None, limit: int | None = None, progress: bool = True,
-           after_shard=None, dedupe: bool = False) -> dict:
+           after_shard=None, dedupe: bool = False, tensor_parallel_size: int = 1) -> dict:
     """Run ``treg sample`` (see module docstring); returns the meta written beside the dataset.
 
     Resumable: shards of ``shard_size`` prompts are written atomically under ``output/.shards``; a
     rerun with the same settings continues, with other settings it is refused unless ``overwrite``.
     Under ``accelerate launch`` each process samples the shards ``i % world == rank`` (hf backend).
-    ``after_shard(i)`` is called after each shard is written (tests use it to simulate a kill).
+    ``after_shard(i)`` is called after each shard is written (tests record the resumed shards with it).
+    ``tensor_parallel_size``: GPUs of the one vLLM engine (vllm backend).
     """
     from accelerate import PartialState
     from treg.chat import ChatFormat
@@ -342,7 +344,7 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
             raise TregError("--backend vllm needs the 'vllm' package (pip install vllm); use --backend hf",
                             field="backend")
         if state.num_processes > 1:
-            raise TregError("--backend vllm runs as one process (use its tensor parallelism), not under "
+            raise TregError("--backend vllm runs as one process (use --tensor-parallel-size), not under "
                             "accelerate launch", field="backend")
     tokenizer = load_tokenizer(model_path)  # the model itself is loaded only if there is work left
     chat = ChatFormat(tokenizer, use_chat_template=use_chat_template, file=model_path)
@@ -358,12 +360,13 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
                            barrier=state.wait_for_everyone)
     pending = writer.pending_shards()
     model = load_policy(model_path, dtype=dtype, device=state.device)[0] if pending and backend == "hf" else None
+    llm = vllm_engine(model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size) \
+        if pending and backend == "vllm" else None
     bar = None
     if progress and pending and state.is_main_process:
         from tqdm.auto import tqdm
         total = sum(len(rows[i * shard_size:(i + 1) * shard_size]) for i in pending) * n
         bar = tqdm(total=total, desc="sample", unit="resp")
-    llm = None
     for i in pending:
         shard = rows[i * shard_size:(i + 1) * shard_size]
         contexts = [chat.context_ids(r.messages) for r in shard for _ in range(n)]
@@ -373,11 +376,8 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
                                top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                progress=bar.update if bar else None)
         else:
-            if llm is None:
-                from vllm import LLM
-                llm = LLM(model=model_path, dtype=dtype or "bfloat16")
-            outs = vllm_generate(model_path, tokenizer, contexts, seeds, stop_ids=stops, temperature=temperature,
-                                 top_p=top_p, max_new_tokens=max_new_tokens, llm=llm)
+            outs = vllm_generate(llm, contexts, seeds, stop_ids=stops, temperature=temperature, top_p=top_p,
+                                 max_new_tokens=max_new_tokens)
             if bar:
                 bar.update(len(outs))
         out_rows = []

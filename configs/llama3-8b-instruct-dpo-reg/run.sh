@@ -25,7 +25,7 @@ mkdir -p data
 
 # 1. on-policy samples: 5 per UltraFeedback prompt (SimPO's decoding: T 0.8, top-p 0.95)
 treg sample --model "$MODEL" --prompts HuggingFaceH4/ultrafeedback_binarized --split train_prefs --dedupe \
-    --n 5 --temperature 0.8 --top-p 0.95 --max-new-tokens 4096 --seed 42 --backend vllm \
+    --n 5 --temperature 0.8 --top-p 0.95 --max-new-tokens 4096 --seed 42 --backend vllm --tensor-parallel-size 8 \
     --output "$RUN/samples"
 
 # 2. ArmoRM scores; highest = chosen, lowest = rejected (custom code: review it, then trust it)
@@ -41,10 +41,11 @@ $ZERO3 -m treg train --config configs/llama3-8b-instruct-dpo-reg/train.yaml --al
 
 # 5. benchmark outputs
 treg generate --model "$RUN/model-a${ALPHA}" --prompts data/alpaca_eval.json --format alpaca_eval \
-    --generator "$NAME" --temperature 0.9 --top-p 1.0 --max-new-tokens 4096 --backend vllm \
+    --generator "$NAME" --temperature 0.9 --top-p 1.0 --max-new-tokens 4096 --backend vllm --tensor-parallel-size 8 \
     --output "$RUN/outputs/alpaca_eval-a${ALPHA}.json"
 treg generate --model "$RUN/model-a${ALPHA}" --prompts data/arena-hard-v0.1/question.jsonl --format arena_hard \
-    --generator "$NAME" --max-new-tokens 4096 --backend vllm --output "$RUN/outputs/arena_hard-a${ALPHA}.jsonl"
+    --generator "$NAME" --max-new-tokens 4096 --backend vllm --tensor-parallel-size 8 \
+    --output "$RUN/outputs/arena_hard-a${ALPHA}.jsonl"
 
 # 6. official judges (GPT-4; need OPENAI_API_KEY and the benchmark packages):
 #    alpaca_eval --model_outputs $RUN/outputs/alpaca_eval-a${ALPHA}.json   (LC win rate vs GPT-4 Turbo)

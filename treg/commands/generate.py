@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="maximum tokens per output")
     p.add_argument("--seed", type=int, default=0, help="seed when sampling")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs of the one vLLM engine (vllm backend; e.g. 8 on an 8-GPU node)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (hf backend)")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                    help="hf: batched transformers generate; vllm: needs the vllm package (one process)")
@@ -43,7 +45,7 @@ def main(argv: list[str]) -> int:
                     seed=args.seed, batch_size=args.batch_size, prompt_column=args.prompt_column,
                     split=args.split, limit=args.limit, dtype=args.dtype,
                     use_chat_template=not args.no_chat_template, progress=not args.no_progress,
-                    backend=args.backend)
+                    backend=args.backend, tensor_parallel_size=args.tensor_parallel_size)
     print(f"treg generate: {meta['prompts']} outputs ({meta['truncated']} hit --max-new-tokens) -> "
           f"{args.output} [{args.format}]")
     return 0

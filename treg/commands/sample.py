@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="base seed; each response gets its own seed from it")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                    help="hf: batched transformers generate (CPU/CUDA, accelerate-scalable); vllm: needs vllm")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs of the one vLLM engine (vllm backend; e.g. 8 on an 8-GPU node)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (hf backend)")
     p.add_argument("--prompt-column", default=None,
                    help="prompt column (default: first of prompt, messages, instruction, turns)")
@@ -53,7 +55,8 @@ def main(argv: list[str]) -> int:
                   batch_size=args.batch_size, prompt_column=args.prompt_column, split=args.split,
                   shard_size=args.shard_size, overwrite=args.overwrite,
                   use_chat_template=not args.no_chat_template, dtype=args.dtype, limit=args.limit,
-                  progress=not args.no_progress, dedupe=args.dedupe)
+                  progress=not args.no_progress, dedupe=args.dedupe,
+                  tensor_parallel_size=args.tensor_parallel_size)
     from accelerate import PartialState
     if PartialState().is_main_process:
         print(f"treg sample: {meta['prompts']} prompts x {meta['n']} responses -> {args.output}")
