@@ -128,6 +128,8 @@ def test_eval_and_generate_bad_input(model_dir, tmp_path, capsys):
     code, err = run("eval", "--outputs", str(tmp_path / "ok.json"), "--baseline", str(tmp_path / "ok.json"),
                     "--judge", "rm", "--reward-fn", f"{rf}:judge")
     assert code == 2 and "not allowed with argument" in err and "usage:" not in err
+    code, err = run("eval", "--outputs", str(tmp_path / "ok.json"), *judge)
+    assert code == 2 and "--baseline is required" in err
     # AlpacaEval picks its reader by the suffix: an alpaca_eval file must be .json
     code, err = run("generate", "--model", model_dir, "--prompts", str(tmp_path / "ok.json"), "--output",
                     str(tmp_path / "out.jsonl"), "--format", "alpaca_eval")
@@ -178,7 +180,6 @@ def test_alpaca_eval_path_is_not_faked(tmp_path, capsys, monkeypatch):
     (tmp_path / "a.json").write_text("[]")
     if importlib.util.find_spec("alpaca_eval") is not None:
         monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    code = cli(["eval", "--outputs", str(tmp_path / "a.json"), "--baseline", str(tmp_path / "a.json"),
-                "--alpaca-eval"])
+    code = cli(["eval", "--outputs", str(tmp_path / "a.json"), "--alpaca-eval"])  # baseline: AlpacaEval's own
     err = capsys.readouterr().err
     assert code == 2 and ("alpaca_eval" in err or "OPENAI_API_KEY" in err) and "Traceback" not in err

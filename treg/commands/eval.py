@@ -13,7 +13,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="treg eval", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--outputs", required=True, help="model outputs (alpaca_eval JSON, arena_hard or treg JSONL)")
-    p.add_argument("--baseline", required=True, help="baseline outputs, same kinds; paired by instruction")
+    p.add_argument("--baseline", default=None, help="baseline outputs, same kinds; paired by instruction "
+                   "(required with --judge/--reward-fn; with --alpaca-eval, omitted = AlpacaEval 2's own reference)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--judge", help="reward model judging both (AutoModelForSequenceClassification, num_labels=1)")
     g.add_argument("--reward-fn", help="'module:function' or 'file.py:function': fn(prompt, output) -> float")
@@ -55,6 +56,8 @@ def main(argv: list[str]) -> int:
         return run_alpaca_eval(args.outputs, args.baseline)
     if not (args.judge or args.reward_fn):
         raise TregError("give a judge: --judge RM, --reward-fn module:function, or --alpaca-eval")
+    if not args.baseline:
+        raise TregError("--baseline is required with --judge / --reward-fn")
     r = evaluate(args.outputs, args.baseline, judge=args.judge, reward_fn=args.reward_fn,
                  trust_remote_code=args.trust_remote_code, questions=args.questions,
                  batch_size=args.batch_size, n_boot=args.bootstrap, seed=args.seed,
