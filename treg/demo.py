@@ -66,8 +66,8 @@ class DemoConfig:
     temperature: float = 1.0
     steps: int = 100
     batch_size: int = 16
-    lrs: list[float] = field(default_factory=lambda: [1e-4])
-    alphas: list[float] = field(default_factory=lambda: [1.0])
+    lrs: list[float] = field(default_factory=lambda: [5e-5])
+    alphas: list[float] = field(default_factory=lambda: [0.5])
     beta: float = 0.1
     simpo_beta: float = 2.0
     simpo_gamma: float = 1.0
