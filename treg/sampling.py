@@ -25,6 +25,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from treg.cliutil import check_local_path
 from treg.errors import TregError
 
 PROMPT_COLUMNS = ("prompt", "messages", "instruction", "turns")
@@ -262,20 +263,10 @@ def path_fingerprint(path: str) -> str:
                         for f in files if not f.name.startswith(".")] or [os.fspath(p)])
 
 
-def check_path_exists(path: str) -> None:
-    """A missing path that cannot be a hub id (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x.jsonl``) is a
-    one-line error at once, instead of minutes of hub retries that end in a long message."""
-    import os
-    p = str(path)
-    looks_local = p.startswith((".", "/", "~")) or p.count("/") > 1 or p.endswith((".json", ".jsonl", ".parquet"))
-    if looks_local and not os.path.exists(os.path.expanduser(p)):
-        raise TregError("no such file or directory", file=p)
-
-
 def load_tokenizer(model_path: str):
     """The policy's tokenizer (TregError if it cannot be loaded)."""
     from transformers import AutoTokenizer
-    check_path_exists(model_path)
+    check_local_path(model_path)
     try:
         return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
@@ -300,7 +291,7 @@ def load_policy(model_path: str, *, dtype: str | None = None, device=None):
         device = PartialState().device
     device = torch.device(device)
     dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    check_path_exists(model_path)
+    check_local_path(model_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))

@@ -88,8 +88,8 @@ def check_reward_model_config(path: str, *, trust_remote_code: bool = False) -> 
     Returns the config dict.
     """
     from transformers import PretrainedConfig
-    from treg.sampling import check_path_exists
-    check_path_exists(path)
+    from treg.cliutil import check_local_path
+    check_local_path(path)
     try:
         cfg, _ = PretrainedConfig.get_config_dict(path)
     except Exception as err:
@@ -266,8 +266,8 @@ def read_samples(source: str) -> tuple[list[dict], str, str]:
     source with ``prompt`` and ``responses``). Returns ``(rows, label, input_fingerprint)``."""
     from treg.chat import normalize_messages, read_records
     from treg.meta import read_meta, stable_hash
-    from treg.sampling import check_path_exists
-    check_path_exists(source)
+    from treg.cliutil import check_local_path
+    check_local_path(source)
     records, label = read_records(source)
     if not records:
         raise TregError("no rows", file=label)

@@ -5,24 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from treg.cliutil import OneLineParser, check_local_path
 from treg.errors import TregError
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose mistakes (unknown/misspelled option, missing or invalid value) are a TregError:
-    one line and exit 2 through the CLI, instead of a usage dump. ``--help`` is unchanged."""
-
-    def error(self, message):
-        raise TregError(message)
-
-
-def check_model_path(name: str, field: str) -> None:
-    """A local-looking path (``./x``, ``/x``, ``~/x``) that does not exist is a user mistake: say so at
-    once instead of letting transformers treat it as a hub id."""
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
-        raise TregError("no such model directory", file=name, field=field)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_model(name: str, dtype: str, device, what: str):
     import torch
     from transformers import AutoModelForCausalLM
-    check_model_path(name, what)
+    check_local_path(name, what, what="model directory")
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as err:
@@ -76,7 +62,7 @@ def _load_model(name: str, dtype: str, device, what: str):
 
 def _load_tokenizer(name: str, what: str):
     from transformers import AutoTokenizer
-    check_model_path(name, what)
+    check_local_path(name, what, what="model directory")
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from treg.commands.sample import OneLineParser
+from treg.cliutil import OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:

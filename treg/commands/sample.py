@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors (unknown or misspelled flags, bad values) are TregErrors: one
-    line and exit 2 from the CLI instead of a usage dump. Shared by sample/score/generate/eval/pipeline."""
-
-    def error(self, message):
-        from treg.errors import TregError
-        raise TregError(f"{message} (see {self.prog} --help)")
+from treg.cliutil import OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from treg.commands.sample import OneLineParser
+from treg.cliutil import OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:

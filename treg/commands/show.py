@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from treg.commands.annotate import OneLineParser, check_model_path
+from treg.cliutil import OneLineParser, check_local_path
 from treg.errors import TregError
 
 
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     if not name:
         raise TregError("no model recorded in treg_meta.json; pass --tokenizer", file=str(path))
     from transformers import AutoTokenizer
-    check_model_path(name, "tokenizer")
+    check_local_path(name, "tokenizer", what="model directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:

@@ -22,8 +22,8 @@ REQUIRED = ("model_name_or_path", "dataset_path", "output_dir")
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    from treg.commands.annotate import check_model_path
-    check_model_path(path, "model_name_or_path")
+    from treg.cliutil import check_local_path
+    check_local_path(path, "model_name_or_path", what="model directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
