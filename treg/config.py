@@ -47,6 +47,9 @@ class TRegConfig(TrainingArguments):
                                               "reference is this model before training.")
     dtype: str = _f("auto", "dtype the model weights are loaded in (mixed precision is bf16/fp16).",
                     choices=list(DTYPES))
+    attn_implementation: str | None = _f(None, "Attention kernel passed to from_pretrained (e.g. eager, sdpa, "
+                                               "flash_attention_2; default: transformers' choice). SimPO trains "
+                                               "Gemma-2 with eager.")
     dataset_path: str | None = _f(None, "Annotated training dataset directory (written by 'treg annotate').")
     eval_dataset_path: str | None = _f(None, "Annotated evaluation dataset directory (optional).")
     max_length: int | None = _f(1024, "Max tokens of prompt + response per sequence; longer ones are cut "

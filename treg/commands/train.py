@@ -34,10 +34,11 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_model(path: str, dtype: str):
+def load_model(path: str, dtype: str, attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     except (OSError, ValueError) as err:
         raise TregError(f"cannot load a causal LM ({str(err).splitlines()[0]})", file=path,
                         field="model_name_or_path") from None
@@ -88,7 +89,7 @@ def main(argv: list[str]) -> int:
         if data is not None:
             truncate_pairs(data.select_columns(["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]),
                            config.max_length, config.truncation_mode)
-    model = load_model(config.model_name_or_path, config.dtype)
+    model = load_model(config.model_name_or_path, config.dtype, config.attn_implementation)
 
     from treg.trainer import TRegTrainer
     start = time.time()
