@@ -57,7 +57,7 @@ class DemoConfig:
     """Every setting of a demo run (recorded in results.json ``config``)."""
 
     out: str = "runs/demo"
-    seeds: int = 3
+    seeds: int = 5
     ablations: bool = False
     train_prompts: int = 500
     eval_prompts: int = 300
