@@ -92,3 +92,19 @@ def test_demo_user_errors(tmp_path, capsys):
     assert "--seeds" in capsys.readouterr().err
     assert main(["demo", "--model", str(tmp_path), "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d" / "results.json").exists()
+
+
+def test_rerun_replaces_previous_outputs(tmp_path):
+    """A run never mixes with an earlier run's per-seed files, and leaves no staging directory."""
+    from treg.cli import main
+    out = tmp_path / "run"
+    (out / "eval" / "dpo").mkdir(parents=True)
+    (out / "eval" / "dpo" / "seed7.jsonl").write_text('{"reward": 99}\n')
+    (out / "notes.txt").write_text("mine")
+    assert main(["demo", "--quick", "--seeds", "1", "--out", str(out), "--train-prompts", "16",
+                 "--eval-prompts", "8", "--steps", "2", "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [s["seed"] for s in res["methods"]["dpo"]["seeds"]] == [0]
+    assert sorted(p.name for p in (out / "eval" / "dpo").iterdir()) == ["seed0.jsonl"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]

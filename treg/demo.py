@@ -204,17 +204,31 @@ def tune(cfg: DemoConfig, name: str, dataset, dpo_rewards, ref_tok, tune_rows, w
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo; writes the per-seed files, results.json, report.md and report.html under ``cfg.out``."""
     import torch
-    from treg import report
-    from treg.toy import checkpoint_path, pipeline
+    from treg.toy import checkpoint_path
     cfg.check()
     _quiet_libraries()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg.model = cfg.model or checkpoint_path()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     ref, tok = _load(cfg.model)
+    final = Path(cfg.out)
+    final.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(dir=final, prefix=".staging-"))  # nothing half-written in cfg.out
+    workdir = tempfile.mkdtemp(prefix="treg-demo-")
+    try:
+        results = _run(cfg, ref, tok, out, t0, workdir)
+        _publish(out, final)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
+def _run(cfg: DemoConfig, ref, tok, out: Path, t0: float, workdir: str) -> dict:
+    """The body of :func:`run_demo`, writing into the staging directory ``out``."""
+    from treg import report
+    from treg.toy import pipeline
     eval_rows = pipeline.prompts(cfg.eval_prompts, cfg.eval_seed, prefix="eval-")
     eval_queries = {pipeline.query_of(r["prompt"]) for r in eval_rows}
     tune_rows = pipeline.prompts(cfg.tune_prompts, cfg.eval_seed + 1, exclude=eval_queries, prefix="tune-")
@@ -224,43 +238,52 @@ def run_demo(cfg: DemoConfig) -> dict:
     _write_jsonl(out / "eval" / "reference" / "seed0.jsonl", ref_records)
     chosen: dict[str, dict] = {}
     pair_stats = []
-    workdir = tempfile.mkdtemp(prefix="treg-demo-")
-    try:
-        for seed in range(cfg.seeds):
-            ts = time.time()
-            dataset, stats = prepare_data(cfg, seed, ref, tok, eval_queries)
-            pair_stats.append(stats)
-            _log(cfg, f"seed {seed}: {stats['pairs_kept']} pairs from {stats['prompts']} prompts "
-                      f"({time.time() - ts:.0f} s)")
-            dpo_rewards = None
-            for name in ["dpo"] + [m for m in cfg.methods() if m != "dpo"]:
-                if name not in chosen:
-                    lr, alpha, trials = tune(cfg, name, dataset, dpo_rewards, tok, tune_rows, workdir)
-                    chosen[name] = {"lr": lr, "alpha": alpha, "trials": trials}
-                lr, alpha = chosen[name]["lr"], chosen[name]["alpha"]
-                data = _with_rewards(dataset, METHODS[name]["reg"], dpo_rewards)
-                model, history = train_policy(cfg, name, data, lr=lr, alpha=alpha, seed=seed, workdir=workdir)
-                records = pipeline.evaluate(model, tok, eval_rows, n=cfg.eval_samples, seed=cfg.eval_seed)
-                _write_jsonl(out / "eval" / name / f"seed{seed}.jsonl", records)
-                _write_json(out / "curves" / name / f"seed{seed}.json", history)
-                s = pipeline.summarize(records)
-                _log(cfg, f"  {name:<20} reward {s['reward']:.4f}  exact {s['exact_match']:.3f}  "
-                          f"length {s['length']:.2f}")
-                if name == "dpo":  # DPO-implicit token rewards of the trained DPO policy (METHOD.md §5)
-                    dpo_ann = pipeline.annotate_pairs(ref, tok, [_pair_row(r) for r in dataset],
-                                                      source="dpo", dpo_model=model, beta=cfg.beta)
-                    if dpo_ann["chosen_input_ids"] != dataset["chosen_input_ids"]:
-                        raise RuntimeError("DPO re-annotation does not align with the training pairs")
-                    _write_jsonl(out / "tokens" / f"seed{seed}.jsonl", token_records(dataset, dpo_ann))
-                    dpo_rewards = dpo_ann.select_columns(["chosen_token_rewards", "rejected_token_rewards"])
-                del model
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    for seed in range(cfg.seeds):
+        ts = time.time()
+        dataset, stats = prepare_data(cfg, seed, ref, tok, eval_queries)
+        pair_stats.append(stats)
+        _log(cfg, f"seed {seed}: {stats['pairs_kept']} pairs from {stats['prompts']} prompts "
+                  f"({time.time() - ts:.0f} s)")
+        dpo_rewards = None
+        for name in ["dpo"] + [m for m in cfg.methods() if m != "dpo"]:
+            if name not in chosen:
+                lr, alpha, trials = tune(cfg, name, dataset, dpo_rewards, tok, tune_rows, workdir)
+                chosen[name] = {"lr": lr, "alpha": alpha, "trials": trials}
+            lr, alpha = chosen[name]["lr"], chosen[name]["alpha"]
+            data = _with_rewards(dataset, METHODS[name]["reg"], dpo_rewards)
+            model, history = train_policy(cfg, name, data, lr=lr, alpha=alpha, seed=seed, workdir=workdir)
+            records = pipeline.evaluate(model, tok, eval_rows, n=cfg.eval_samples, seed=cfg.eval_seed)
+            _write_jsonl(out / "eval" / name / f"seed{seed}.jsonl", records)
+            _write_json(out / "curves" / name / f"seed{seed}.json", history)
+            s = pipeline.summarize(records)
+            _log(cfg, f"  {name:<20} reward {s['reward']:.4f}  exact {s['exact_match']:.3f}  "
+                      f"length {s['length']:.2f}")
+            if name == "dpo":  # DPO-implicit token rewards of the trained DPO policy (METHOD.md §5)
+                dpo_ann = pipeline.annotate_pairs(ref, tok, [_pair_row(r) for r in dataset],
+                                                  source="dpo", dpo_model=model, beta=cfg.beta)
+                if dpo_ann["chosen_input_ids"] != dataset["chosen_input_ids"]:
+                    raise RuntimeError("DPO re-annotation does not align with the training pairs")
+                _write_jsonl(out / "tokens" / f"seed{seed}.jsonl", token_records(dataset, dpo_ann))
+                dpo_rewards = dpo_ann.select_columns(["chosen_token_rewards", "rejected_token_rewards"])
+            del model
     config = {**dataclasses.asdict(cfg), "methods": cfg.methods(),
               "chosen_hyperparameters": chosen, "pair_stats": pair_stats}
     results = report.build_results(out, config=config, wall_seconds=time.time() - t0)
     report.write_reports(out, results)
     return results
+
+
+OUTPUTS = ("eval", "tokens", "curves", "results.json", "report.md", "report.html")
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Move a finished run's outputs into ``final``, replacing (only) a previous run's outputs there."""
+    for name in OUTPUTS:
+        target = final / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        if (staging / name).exists():
+            os.replace(staging / name, target)
 
 
 def _quiet_libraries() -> None:
