@@ -92,6 +92,9 @@ def test_demo_user_errors(tmp_path, capsys):
     assert "--seeds" in capsys.readouterr().err
     assert main(["demo", "--model", str(tmp_path), "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d" / "results.json").exists()
+    (tmp_path / "file").write_text("x")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "file" / "sub")]) == 2
+    assert "output directory" in capsys.readouterr().err
 
 
 def test_rerun_replaces_previous_outputs(tmp_path):

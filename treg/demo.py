@@ -213,7 +213,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.time()
     ref, tok = _load(cfg.model)
     final = Path(cfg.out)
-    final.mkdir(parents=True, exist_ok=True)
+    try:
+        final.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TregError(f"cannot create the output directory ({err.strerror})", file=str(final)) from None
     out = Path(tempfile.mkdtemp(dir=final, prefix=".staging-"))  # nothing half-written in cfg.out
     workdir = tempfile.mkdtemp(prefix="treg-demo-")
     try:
