@@ -3,6 +3,7 @@
 import os
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,7 +122,7 @@ def test_shipped_checkpoint_loads_and_behaves():
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert 1e6 <= sum(p.numel() for p in model.parameters()) <= 5e6
-    assert sum(f.stat().st_size for f in __import__("pathlib").Path(path).iterdir()) < 10e6
+    assert sum(f.stat().st_size for f in Path(path).iterdir()) < 10e6
     b = behaviour(model, tok, n_prompts=80, seed=7)
     acc = {s: b[s]["digit_accuracy"] for s in b}
     # shipped build (docs/toy.md): about 0.87 / 0.79 / 0.43 digit accuracy at temperature 1
@@ -135,16 +136,16 @@ def test_shipped_checkpoint_loads_and_behaves():
 def test_build_is_reproducible(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-    from treg.toy.build import build_checkpoint
+    from treg.toy.build import build_checkpoint, new_model
     kw = dict(steps=3, batch_size=4, n_examples=40, seed=5)
     build_checkpoint(tmp_path / "a", **kw)
     build_checkpoint(tmp_path / "b", **kw)
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    init = AutoModelForCausalLM.from_pretrained(tmp_path / "a")        # loads like any checkpoint
-    assert any(not torch.equal(p, wa[n]) for n, p in
-               __import__("treg.toy.build", fromlist=["x"]).new_model(init.config.vocab_size, 5).state_dict().items()
-               if n in wa)                                               # and training changed the weights
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")        # loads like any checkpoint
+    assert all(torch.equal(p, wa[n]) for n, p in loaded.state_dict().items() if n in wa)
+    init = new_model(loaded.config.vocab_size, 5).state_dict()            # and training moved the weights
+    assert any(not torch.equal(init[n], wa[n]) for n in wa)
 
 
 def test_toy_cli_user_errors(capsys, tmp_path):
