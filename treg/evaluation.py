@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,25 +32,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from treg.errors import TregError
+from treg.fsutil import atomic_write_text
 from treg.meta import stable_hash
 
 FORMATS = ("alpaca_eval", "arena_hard", "jsonl")
 
 
 # --------------------------------------------------------------------------- writing
-
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
 
 def markdown_counts(text: str) -> dict:
     """Markdown element counts in Arena-Hard's ``conv_metadata`` layout (code blocks excluded)."""
@@ -106,9 +93,9 @@ def format_records(records: Sequence[dict], fmt: str, generator: str) -> str:
 
 def write_outputs(records: Sequence[dict], path: str, fmt: str, generator: str, meta: dict) -> None:
     """Write a benchmark file atomically, plus ``<path>.treg_meta.json`` (meta incl. fingerprint)."""
-    _atomic_write_text(path, format_records(records, fmt, generator))
+    atomic_write_text(path, format_records(records, fmt, generator))
     from treg import __version__
-    _atomic_write_text(f"{path}.treg_meta.json",
+    atomic_write_text(f"{path}.treg_meta.json",
                        json.dumps({"treg_version": __version__, **meta}, indent=2, sort_keys=True, default=str))
 
 

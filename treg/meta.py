@@ -11,12 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from treg.errors import TregError
+from treg.fsutil import atomic_directory, atomic_write_text
 
 META_FILE = "treg_meta.json"
 
@@ -44,12 +43,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def write_meta(directory: str | os.PathLike, meta: dict) -> None:
     """Write ``treg_meta.json`` atomically (temp file + rename)."""
     from treg import __version__
-    path = Path(directory) / META_FILE
     payload = {"treg_version": __version__, **meta}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".meta-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    atomic_write_text(Path(directory) / META_FILE, json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 def read_meta(directory: str | os.PathLike, *, required: bool = True) -> dict:
@@ -67,15 +62,6 @@ def read_meta(directory: str | os.PathLike, *, required: bool = True) -> dict:
 
 def save_dataset_atomic(dataset, directory: str | os.PathLike, meta: dict) -> None:
     """``dataset.save_to_disk`` + meta into a temp dir, then one rename: never half-written."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
+    with atomic_directory(directory) as tmp:
         dataset.save_to_disk(str(tmp))
         write_meta(tmp, meta)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

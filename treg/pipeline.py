@@ -227,8 +227,8 @@ def _read_state(work: str) -> dict:
 
 
 def _write_state(work: str, state: dict) -> None:
-    from treg.evaluation import _atomic_write_text
-    _atomic_write_text(Path(work) / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
+    from treg.fsutil import atomic_write_text
+    atomic_write_text(Path(work) / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
 
 
 def decide(stage: Stage, state: dict) -> tuple[bool, str]:

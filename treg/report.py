@@ -17,10 +17,11 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from treg.fsutil import atomic_write_text
 
 METHOD_ORDER = ("dpo", "dpo_reg", "dpo_reg_static", "dpo_sft", "dpo_reg_dpo_reward", "simpo", "simpo_reg")
 LABEL_NAMES = {"dpo": "DPO", "dpo_reg": "DPO-REG", "dpo_reg_static": "DPO-REG, static w",
@@ -97,15 +98,8 @@ def build_results(out: str | os.PathLike, *, config: dict, wall_seconds: float) 
         "wall_seconds": round(float(wall_seconds), 1),
         "config": config,
     }
-    _atomic_write(out / "results.json", json.dumps(results, indent=1, default=float))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=float))
     return results
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def fmt(mean, std=None, digits: int = 3) -> str:
@@ -250,5 +244,5 @@ def html_report(out: Path, results: dict, n_heatmaps: int = 4) -> str:
 def write_reports(out: str | os.PathLike, results: dict) -> None:
     """``report.md`` and ``report.html`` beside results.json (atomic writes)."""
     out = Path(out)
-    _atomic_write(out / "report.md", markdown(results))
-    _atomic_write(out / "report.html", html_report(out, results))
+    atomic_write_text(out / "report.md", markdown(results))
+    atomic_write_text(out / "report.html", html_report(out, results))

@@ -30,12 +30,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
 from treg.errors import TregError
+from treg.fsutil import atomic_directory, atomic_file, atomic_write_text
 from treg.meta import META_FILE, stable_hash, write_meta
 
 SHARD_DIR = ".shards"
@@ -127,7 +126,7 @@ class ShardedWriter:
         for tmp in self.shard_dir.glob(".*.tmp*"):
             tmp.unlink(missing_ok=True)
         if self._shard_settings() is None:
-            self._atomic_write_text(self.shard_dir / SETTINGS_FILE, json.dumps(
+            atomic_write_text(self.shard_dir / SETTINGS_FILE, json.dumps(
                 {"fingerprint": self.fingerprint, "num_shards": self.num_shards,
                  "settings": self.settings}, indent=2, sort_keys=True, default=str))
 
@@ -136,13 +135,6 @@ class ShardedWriter:
         if found is None or found.get("fingerprint") != self.fingerprint:
             raise RuntimeError(f"{self.shard_dir}: settings differ between processes "
                                "(were all processes given the same arguments?)")
-
-    @staticmethod
-    def _atomic_write_text(path: Path, text: str) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
 
     # ----------------------------------------------------------------------------------- shards
     def shard_path(self, i: int) -> Path:
@@ -170,14 +162,8 @@ class ShardedWriter:
             raise IndexError(f"shard {i} out of range 0..{self.num_shards - 1}")
         schema = self.features.arrow_schema if self.features is not None else None
         table = pa.Table.from_pylist(rows, schema=schema)
-        fd, tmp = tempfile.mkstemp(dir=self.shard_dir, prefix=f".shard-{i:05d}.tmp")
-        os.close(fd)
-        try:
+        with atomic_file(self.shard_path(i)) as tmp:
             pq.write_table(table, tmp)
-            os.replace(tmp, self.shard_path(i))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     # --------------------------------------------------------------------------------- finalize
     def finalize(self, meta: dict | Callable[[object], dict]) -> Path:
@@ -210,14 +196,6 @@ class ShardedWriter:
     def _merge(self, meta) -> None:
         dataset = self.load_shards()
         meta = {**(meta(dataset) if callable(meta) else meta), "fingerprint": self.fingerprint}
-        tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.tmp-"))
-        try:
+        with atomic_directory(self.out) as tmp:  # a crash between its two renames is repaired by _prepare
             dataset.save_to_disk(str(tmp))
             write_meta(tmp, meta)
-            old = self.out.parent / f".{self.out.name}.old-{time.time_ns()}"
-            os.replace(self.out, old)  # a crash right here is repaired by _prepare
-            os.replace(tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)

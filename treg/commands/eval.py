@@ -51,7 +51,8 @@ def print_report(r: dict) -> None:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from treg.errors import TregError
-    from treg.evaluation import _atomic_write_text, evaluate, run_alpaca_eval
+    from treg.evaluation import evaluate, run_alpaca_eval
+    from treg.fsutil import atomic_write_text
     if args.alpaca_eval:
         return run_alpaca_eval(args.outputs, args.baseline)
     if not (args.judge or args.reward_fn):
@@ -64,5 +65,5 @@ def main(argv: list[str]) -> int:
                  allow_unpaired=args.allow_unpaired)
     print_report(r)
     if args.report:
-        _atomic_write_text(args.report, json.dumps(r, indent=2) + "\n")
+        atomic_write_text(args.report, json.dumps(r, indent=2) + "\n")
     return 0

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 from treg.cliutil import OneLineParser, check_local_path
 from treg.errors import TregError
+from treg.fsutil import atomic_write_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,10 +65,7 @@ def main(argv: list[str]) -> int:
     render_terminal(rows, tokenizer, console, indices=indices)
     if args.html:
         out = Path(args.html)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(render_html(rows, tokenizer, title=f"T-REG token rewards: {path.name}", indices=indices))
-        os.replace(tmp, out)
+        atomic_write_text(out, render_html(rows, tokenizer, title=f"T-REG token rewards: {path.name}",
+                                           indices=indices))
         console.print(f"wrote {out}")
     return 0

@@ -16,13 +16,12 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from treg.fsutil import atomic_directory
 from treg.toy import world
 from treg.toy.tokenizer import build_tokenizer
 
@@ -116,16 +115,8 @@ def build_checkpoint(out: str | os.PathLike, *, steps: int = 1500, seed: int = 0
             "style_rates": world.STYLE_RATES, "style_mix": STYLE_MIX,
             "train_seconds": round(time.time() - t0, 1)}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "toy_build.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return info
