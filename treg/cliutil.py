@@ -23,3 +23,26 @@ def check_local_path(path: str, field: str | None = None, *, what: str = "file o
     looks_local = p.startswith((".", "/", "~")) or p.count("/") > 1 or p.endswith((".json", ".jsonl", ".parquet"))
     if looks_local and not os.path.exists(os.path.expanduser(p)):
         raise TregError(f"no such {what}", file=p, field=field)
+
+
+def add_generation_arguments(p: argparse.ArgumentParser, *, temperature: float, top_p: float,
+                             temperature_help: str) -> None:
+    """Options shared by ``treg sample`` and ``treg generate``: decoding, backend and prompt source."""
+    p.add_argument("--temperature", type=float, default=temperature, help=temperature_help)
+    p.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling mass")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="maximum tokens per response")
+    p.add_argument("--seed", type=int, default=0, help="base seed; each response gets its own seed from it")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="hf: batched transformers generate (CPU/CUDA); vllm: needs the vllm package")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs of the one vLLM engine (vllm backend; e.g. 8 on an 8-GPU node)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (hf backend)")
+    p.add_argument("--prompt-column", default=None,
+                   help="prompt column (default: first of prompt, messages, instruction, turns)")
+    p.add_argument("--split", default="train", help="split for datasets dirs with splits and hub datasets")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="plain 'Role:' text format instead of the tokenizer's chat template")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")

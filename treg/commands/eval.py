@@ -11,7 +11,7 @@ from treg.cliutil import OneLineParser
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="treg eval", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--outputs", required=True, help="model outputs (alpaca_eval JSON, arena_hard or treg JSONL)")
     p.add_argument("--baseline", default=None, help="baseline outputs, same kinds; paired by instruction "
                    "(required with --judge/--reward-fn; with --alpaca-eval, omitted = AlpacaEval 2's own reference)")

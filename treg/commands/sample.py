@@ -4,39 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from treg.cliutil import OneLineParser
+from treg.cliutil import OneLineParser, add_generation_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="treg sample", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="policy to sample from: local dir or hub name")
     p.add_argument("--prompts", required=True,
                    help="prompts: .jsonl/.json/.parquet file, a datasets dir (save_to_disk) or a hub dataset name")
     p.add_argument("--output", required=True, help="output datasets directory (resumable; see docs/recipes.md)")
     p.add_argument("--n", type=int, default=5, help="responses per prompt (>= 2: a pair needs two)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (> 0)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="maximum tokens per response")
-    p.add_argument("--seed", type=int, default=0, help="base seed; each response gets its own seed from it")
-    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
-                   help="hf: batched transformers generate (CPU/CUDA, accelerate-scalable); vllm: needs vllm")
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="GPUs of the one vLLM engine (vllm backend; e.g. 8 on an 8-GPU node)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (hf backend)")
-    p.add_argument("--prompt-column", default=None,
-                   help="prompt column (default: first of prompt, messages, instruction, turns)")
-    p.add_argument("--split", default="train", help="split for datasets dirs with splits and hub datasets")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    add_generation_arguments(p, temperature=0.8, top_p=0.95, temperature_help="sampling temperature (> 0)")
     p.add_argument("--dedupe", action="store_true", help="drop rows whose prompt id repeats an earlier row "
                    "(default: a repeated id is an error)")
     p.add_argument("--shard-size", type=int, default=64, help="prompts per resumable shard")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--no-chat-template", action="store_true",
-                   help="plain 'Role:' text format instead of the tokenizer's chat template")
     p.add_argument("--overwrite", action="store_true", help="replace an output made with other settings")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

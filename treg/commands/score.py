@@ -9,7 +9,7 @@ from treg.cliutil import OneLineParser
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="treg score", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--samples", required=True, help="samples dataset written by `treg sample` (or JSONL/Parquet "
                    "with prompt + responses)")
     g = p.add_mutually_exclusive_group(required=True)
