@@ -130,6 +130,13 @@ def test_live_reference_equals_precomputed(tok, tmp_path):
     assert torch.allclose(torch.tensor(losses(pre)), torch.tensor(losses(live)), rtol=1e-5)
 
 
+def test_full_logits_path_equals_chunked(tok, tmp_path):
+    """logprob_chunk_size=0 (the model's full logits) trains the same trajectory as the chunked head."""
+    chunked = train(tok, tmp_path / "chunked", alpha=0.25, max_steps=3, logprob_chunk_size=3)
+    full = train(tok, tmp_path / "full", alpha=0.25, max_steps=3, logprob_chunk_size=0)
+    assert torch.allclose(torch.tensor(losses(chunked)), torch.tensor(losses(full)), rtol=1e-5)
+
+
 def test_peft_lora_reference_is_base_model(tok, tmp_path):
     """LoRA with random (non-zero) B, so the adapter changes the model from the start: the reference
     pass must still equal the plain base model's (adapters disabled); training moves only the adapter."""

@@ -75,8 +75,9 @@ class TRegConfig(TrainingArguments):
                                               "the reference every step (PEFT: adapters off; else a frozen copy).")
     precompute_ref_batch_size: int | None = _f(None, "Batch size of the reference pass (default: "
                                                      "per_device_eval_batch_size).")
-    logprob_chunk_size: int = _f(512, "Sequence chunk for log-probs: the (B, T, V) float32 logits are never "
-                                      "built whole.")
+    logprob_chunk_size: int = _f(512, "Token rows per output-head chunk for log-probs, so the (B, T, V) float32 "
+                                      "logits are never built whole; 0 = the model's full logits (faster on a GPU "
+                                      "when memory allows, see docs/benchmarks.md).")
     disable_dropout: bool = _f(True, "Turn dropout off in the policy (as TRL DPOConfig does).")
 
     # -- PEFT / LoRA
@@ -100,7 +101,7 @@ class TRegConfig(TrainingArguments):
             (self.gamma >= 0, "gamma", f"gamma must be >= 0, got {self.gamma}"),
             (self.max_length is None or self.max_length >= 2, "max_length",
              f"max_length must be >= 2, got {self.max_length}"),
-            (self.logprob_chunk_size >= 1, "logprob_chunk_size", "logprob_chunk_size must be >= 1"),
+            (self.logprob_chunk_size >= 0, "logprob_chunk_size", "logprob_chunk_size must be >= 0 (0 = full logits)"),
             (self.lora_r >= 1, "lora_r", "lora_r must be >= 1"),
         ]
         for ok, name, message in checks:

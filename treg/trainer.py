@@ -148,7 +148,8 @@ class TRegTrainer(Trainer):
         """(2B, L) float32 log p(ids[t] | ids[<t]) at response positions of the collated batch, 0 elsewhere."""
         return model_token_logps(model, batch["input_ids"], batch["attention_mask"],
                                  positions=batch["response_mask"].bool(),  # no output head on prompt tokens
-                                 chunk_size=self.args.logprob_chunk_size)
+                                 chunk_size=self.args.logprob_chunk_size or 512,
+                                 naive=self.args.logprob_chunk_size == 0)
 
     def _reference_context(self, model):
         """The initial model: PEFT adapters off; otherwise the model itself (before training)."""
