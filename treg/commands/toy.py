@@ -17,7 +17,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None,
                    help="output directory (default: the shipped checkpoint inside the package, "
                         "treg/toy/assets/model)")
-    b.add_argument("--steps", type=int, default=1500, help="SFT steps (default 1500, ~5-8 min on 2 cores)")
+    b.add_argument("--steps", type=int, default=1500, help="SFT steps (default 1500, ~4-5 min on 2 cores)")
     b.add_argument("--seed", type=int, default=0, help="seed for data and weights (default 0)")
     b.add_argument("--batch-size", type=int, default=64, help="SFT batch size (default 64)")
     b.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
