@@ -108,6 +108,17 @@ def throughput(model, tok, rows, batch_tokens, device, template=None):
     return real, padded / real, t_ann, t_naive, t_free
 
 
+def print_throughput(ann: float, naive: float, free: float, pad: float) -> None:
+    """The throughput table (tokens/s of annotate, the naive loop and the pad-free stream)."""
+    print("| measure | value | target |\n|---|---|---|")
+    print(f"| annotate tokens/s | {ann:,.0f} | |")
+    print(f"| naive loop tokens/s (1 sequence/forward, full logits) | {naive:,.0f} | |")
+    print(f"| annotate / naive | {ann / naive:.2f}x | >= 3x |")
+    print(f"| pad-free stream tokens/s (same tokens, same widths) | {free:,.0f} | |")
+    print(f"| annotate / pad-free | {ann / free:.2f} | >= 0.8 |")
+    print(f"| padded / real tokens in the throughput run | {pad:.3f} | |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -142,13 +153,7 @@ def main():
     print(f"device {args.device} ({args.dtype}, {args.threads} CPU thread(s)), Llama hidden {args.hidden} x "
           f"{args.layers} layers, vocab {cfg.vocab_size:,}; throughput on {args.pairs} pairs ({real:,} real tokens, "
           f"responses 50-500 tokens, revision template, batch_tokens {args.batch_tokens})\n")
-    print("| measure | value | target |\n|---|---|---|")
-    print(f"| annotate tokens/s | {ann:,.0f} | |")
-    print(f"| naive loop tokens/s (1 sequence/forward, full logits) | {naive:,.0f} | |")
-    print(f"| annotate / naive | {ann / naive:.2f}x | >= 3x |")
-    print(f"| pad-free stream tokens/s (same tokens, same widths) | {free:,.0f} | |")
-    print(f"| annotate / pad-free | {ann / free:.2f} | >= 0.8 |")
-    print(f"| padded / real tokens in the throughput run | {pad_small:.3f} | |")
+    print_throughput(ann, naive, free, pad_small)
     print(f"| padded / real tokens, 512 pairs, responses 50-2,000 tokens ({n_real:,} real) | {ratio:.3f} | <= 1.10 |")
 
 
@@ -169,13 +174,7 @@ def toy_main(args, device):
     print(f"device {args.device} ({args.dtype}, {args.threads} CPU thread(s)), the shipped toy checkpoint "
           f"({sum(p.numel() for p in model.parameters()):,} parameters); 500 sampled toy pairs ({real:,} real "
           f"tokens), instruction template, batch_tokens {args.batch_tokens}\n")
-    print("| measure | value | target |\n|---|---|---|")
-    print(f"| annotate tokens/s | {ann:,.0f} | |")
-    print(f"| naive loop tokens/s (1 sequence/forward, full logits) | {naive:,.0f} | |")
-    print(f"| annotate / naive | {ann / naive:.2f}x | >= 3x |")
-    print(f"| pad-free stream tokens/s (same tokens, same widths) | {free:,.0f} | |")
-    print(f"| annotate / pad-free | {ann / free:.2f} | >= 0.8 |")
-    print(f"| padded / real tokens | {pad:.3f} | |")
+    print_throughput(ann, naive, free, pad)
 
 
 if __name__ == "__main__":

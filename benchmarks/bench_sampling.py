@@ -110,7 +110,7 @@ def throughput(device: str, small: bool, batch: int, prompt_len: int, new_tokens
         assert out.shape[1] == prompt_len + n
         return time.perf_counter() - t
 
-    rows = [f"| decoding | batch | prompt | new tokens | seconds | generated tokens/s |", "|---|---|---|---|---|---|"]
+    rows = ["| decoding | batch | prompt | new tokens | seconds | generated tokens/s |", "|---|---|---|---|---|---|"]
     run("greedy", new_tokens)  # warm-up at full length (allocator, kernels)
     for kind in ("greedy", "hf-multinomial", "treg-gumbel"):
         run(kind, 4)

@@ -92,11 +92,9 @@ def test_treg_train_cli_under_accelerate_two_processes(tmp_path):
     """The documented launcher line: `accelerate launch --multi_gpu --num_processes 2 -m treg.cli train`."""
     sys.path.insert(0, TESTS)
     from test_data import write_pairs
-    from tiny import tiny_llama, tiny_tokenizer
+    from tiny import save_tiny_model
     from transformers import AutoTokenizer
-    tok = tiny_tokenizer("llama3")
-    tiny_llama(len(tok)).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", "llama3")
     data = write_pairs(tmp_path / "ann", AutoTokenizer.from_pretrained(tmp_path / "model"), n=8)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

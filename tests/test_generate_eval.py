@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+from tiny import save_tiny_model  # noqa: E402
 
 from treg.cli import main as cli  # noqa: E402
 from treg.evaluation import fit_logistic, length_controlled_win_rate, win_rate_stats  # noqa: E402
@@ -19,9 +19,7 @@ INSTRUCTIONS = ["Hello there", "What is a fox?", "Numbers like 12345", "Say hi"]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("policy")
-    tok = tiny_tokenizer("chatml")
-    tiny_llama(len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
+    save_tiny_model(d, "chatml")
     return str(d)
 
 

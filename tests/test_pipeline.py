@@ -8,7 +8,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+from tiny import save_tiny_model  # noqa: E402
 
 from treg.cli import main as cli  # noqa: E402
 
@@ -41,9 +41,7 @@ def _config(tmp_path, eval_boot=100):
 
 @pytest.fixture
 def setup(tmp_path):
-    tok = tiny_tokenizer("llama3")
-    tiny_llama(len(tok)).save_pretrained(tmp_path / "policy")
-    tok.save_pretrained(tmp_path / "policy")
+    save_tiny_model(tmp_path / "policy", "llama3")
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": p, "dataset": "t"} for p in PROMPTS[:4]]))
     (tmp_path / "reward.py").write_text(REWARD)

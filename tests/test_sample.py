@@ -7,7 +7,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+from tiny import save_tiny_model  # noqa: E402
 
 from treg.cli import main as cli  # noqa: E402
 
@@ -17,9 +17,7 @@ PROMPTS = ["Hello there", "What is a fox?", "Numbers like 12345", "def add(a, b)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("policy")
-    tok = tiny_tokenizer("llama3")
-    tiny_llama(len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
+    save_tiny_model(d, "llama3")
     return str(d)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+from tiny import save_tiny_model, tiny_tokenizer  # noqa: E402
 
 from treg.cli import main as cli  # noqa: E402
 from treg.show import render_html, summary, token_pieces, worst_indices  # noqa: E402
@@ -43,9 +43,7 @@ class Spans(HTMLParser):
 @pytest.fixture(scope="module")
 def annotated(tmp_path_factory):
     root = tmp_path_factory.mktemp("show")
-    tok = tiny_tokenizer("chatml")
-    tiny_llama(len(tok)).save_pretrained(root / "m")
-    tok.save_pretrained(root / "m")
+    tok = save_tiny_model(root / "m", "chatml")
     (root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     assert cli(["annotate", "--model", str(root / "m"), "--dataset", str(root / "d.jsonl"), "--output",
                 str(root / "ann"), "--no-progress", "--device", "cpu"]) == 0

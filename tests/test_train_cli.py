@@ -15,12 +15,10 @@ from treg.cli import main  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from tiny import tiny_llama, tiny_tokenizer
+    from tiny import save_tiny_model
     from transformers import AutoTokenizer
     path = tmp_path_factory.mktemp("tiny-model")
-    tok = tiny_tokenizer("llama3")
-    tiny_llama(len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
+    save_tiny_model(path, "llama3")
     return path, AutoTokenizer.from_pretrained(path)
 
 

@@ -82,3 +82,12 @@ def tiny_llama(vocab_size: int = 400, *, hidden: int = 32, layers: int = 2, head
                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
+
+
+def save_tiny_model(path, style: str = "llama3", *, seed: int = 0):
+    """Save ``tiny_llama`` + ``tiny_tokenizer(style)`` to ``path`` (a loadable model directory); returns
+    the tokenizer."""
+    tok = tiny_tokenizer(style)
+    tiny_llama(len(tok), seed=seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return tok
