@@ -29,6 +29,10 @@ FLAG = re.compile(r"(?<![\w-])(--[A-Za-z][\w-]*)")
 REPO_PATH = re.compile(r"(?<![\w./-])((?:configs|benchmarks|treg|tests|docs)/[\w./-]*[\w/])")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 BENCH = re.compile(r"(benchmarks/bench_\w+\.py)(.*)")
+TEST_REF = re.compile(r"(tests/test_\w+\.py)::(\w+)")
+YAML_BLOCK = re.compile(r"^```ya?ml\n(.*?)^```", re.S | re.M)
+HEREDOC = re.compile(r"<<\s*'?(\w+)'?\n(.*?)^\1$", re.S | re.M)
+TOP_KEY = re.compile(r"^([A-Za-z_]\w*):", re.M)
 
 
 def _logical_lines(block: str) -> list[str]:
@@ -106,6 +110,26 @@ def test_every_documented_benchmark_flag_exists():
     assert seen > 0 and not wrong, "benchmark flags the scripts do not declare:\n" + "\n".join(wrong)
 
 
+def test_every_documented_train_yaml_key_is_a_config_field():
+    """YAML shown for ``treg train`` (yaml blocks and shell heredocs with a ``dataset_path`` or
+    ``model_name_or_path`` key) uses only TRegConfig fields (``treg train`` refuses unknown keys)."""
+    import dataclasses
+
+    from treg.config import TRegConfig
+    fields = {f.name for f in dataclasses.fields(TRegConfig)}
+    wrong, seen = [], 0
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        bodies = YAML_BLOCK.findall(text) + [body for _, body in HEREDOC.findall(text)]
+        for body in bodies:
+            keys = TOP_KEY.findall(body)
+            if not {"dataset_path", "model_name_or_path"} & set(keys):
+                continue
+            seen += 1
+            wrong += [f"{doc.name}: {key}" for key in keys if key not in fields]
+    assert seen >= 2 and not wrong, "train YAML keys that TRegConfig lacks:\n" + "\n".join(wrong)
+
+
 def test_every_documented_repo_path_exists():
     missing = []
     for doc in DOCS:
@@ -123,6 +147,10 @@ def test_every_documented_repo_path_exists():
                     continue  # ".../x" is an elision; `treg/seq_weight` is a logged metric, not a file
                 if not (ROOT / rel).exists():
                     missing.append(f"{doc.name}: {rel}")
+        for test_file, name in TEST_REF.findall(text):
+            source = (ROOT / test_file).read_text(encoding="utf-8") if (ROOT / test_file).exists() else ""
+            if f"def {name}(" not in source:
+                missing.append(f"{doc.name}: {test_file}::{name}")
     assert not missing, "docs name repository paths that do not exist:\n" + "\n".join(missing)
 
 
