@@ -132,6 +132,7 @@ def test_every_documented_train_yaml_key_is_a_config_field():
 
 def test_every_documented_repo_path_exists():
     missing = []
+    all_tests = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("test_*.py"))
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")
         for target in LINK.findall(text):
@@ -151,6 +152,9 @@ def test_every_documented_repo_path_exists():
             source = (ROOT / test_file).read_text(encoding="utf-8") if (ROOT / test_file).exists() else ""
             if f"def {name}(" not in source:
                 missing.append(f"{doc.name}: {test_file}::{name}")
+        for name in re.findall(r"`(test_\w+)`", text):  # a test cited by name alone
+            if f"def {name}(" not in all_tests:
+                missing.append(f"{doc.name}: test {name}")
     assert not missing, "docs name repository paths that do not exist:\n" + "\n".join(missing)
 
 
