@@ -23,8 +23,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
-# "treg <cmd>" at a word start, or "-m treg <cmd>" / "-m treg.cli <cmd>" under accelerate/python.
-COMMAND = re.compile(r"(?:^|(?<=\s)|(?<=-m\s))treg(?:\.cli)?\s+([a-z]+)\b(.*)")
+# "treg <cmd>" at a word start or as ".venv/bin/treg <cmd>", or "-m treg <cmd>" / "-m treg.cli <cmd>".
+COMMAND = re.compile(r"(?:^|(?<=\s)|(?<=-m\s)|(?<=bin/))treg(?:\.cli)?\s+([a-z]+)\b(.*)")
 FLAG = re.compile(r"(?<![\w-])(--[A-Za-z][\w-]*)")
 REPO_PATH = re.compile(r"(?<![\w./-])((?:configs|benchmarks|treg|tests|docs)/[\w./-]*[\w/])")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -128,6 +128,23 @@ def test_every_documented_train_yaml_key_is_a_config_field():
             seen += 1
             wrong += [f"{doc.name}: {key}" for key in keys if key not in fields]
     assert seen >= 2 and not wrong, "train YAML keys that TRegConfig lacks:\n" + "\n".join(wrong)
+
+
+def test_every_documented_pipeline_yaml_plans(tmp_path):
+    """Pipeline YAML shown in the docs (a ``workdir`` key) loads, plans and passes the planner's option
+    check (``$(...)`` shell substitutions stand in as a plain value)."""
+    from treg.pipeline import check_options, load_config, plan
+    seen = 0
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        for body in YAML_BLOCK.findall(text) + [b for _, b in HEREDOC.findall(text)]:
+            if "workdir" not in TOP_KEY.findall(body):
+                continue
+            seen += 1
+            path = tmp_path / f"pipeline{seen}.yaml"
+            path.write_text(re.sub(r"\$\((?:[^()']|'[^']*')*\)", "SUBST", body), encoding="utf-8")
+            check_options(plan(load_config(str(path))), str(path))  # TregError names the bad key
+    assert seen >= 1
 
 
 def test_every_documented_repo_path_exists():
