@@ -3,8 +3,10 @@
 Every ``treg <cmd> ...`` command in README.md and docs/*.md (fenced code blocks and inline code spans,
 also under ``accelerate launch ... -m treg <cmd>``) may use only ``--flags`` that the command's parser
 accepts (``build_parser()`` of argparse commands, the TRegConfig parser for ``treg train``), and every
-repository path the docs name (markdown links, ``configs/...``, ``benchmarks/...``, ``treg/...``)
-must exist. Pure text + parser construction: no model is loaded.
+repository path the docs name (markdown links, ``configs/...``, ``benchmarks/...``, ``treg/...``,
+``tests/x.py::test_name`` and tests cited by name) must exist. Also: ``benchmarks/bench_*.py --flag``
+lines use declared flags, train YAML (blocks and heredocs) uses TRegConfig fields only, and pipeline
+YAML passes the planner's checks. Pure text + parser construction: no model is loaded (~3 s).
 """
 
 from __future__ import annotations
