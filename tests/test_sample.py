@@ -206,12 +206,13 @@ def test_gumbel_sampler_draws_from_the_top_p_softmax():
 
 @pytest.mark.slow
 def test_two_processes_equal_one(model_dir, prompts_file, tmp_path):
-    """`accelerate launch --num_processes 2`: disjoint shards, merged by rank 0 = the one-process result."""
+    """`accelerate launch --multi_gpu --num_processes 2` (on CPU: --cpu alone starts ONE process in accelerate
+    1.15): disjoint shards, merged by rank 0 = the one-process result."""
     import subprocess
     rf = tmp_path / "r.py"
     rf.write_text("def reward(prompt, response):\n    return float(len(response))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "treg"]
     sample_args = ["--model", model_dir, "--prompts", prompts_file, "--n", "3", "--max-new-tokens", "10",
                    "--shard-size", "1", "--no-progress"]
@@ -220,6 +221,7 @@ def test_two_processes_equal_one(model_dir, prompts_file, tmp_path):
                  "--output", str(tmp_path / "p2"), "--no-progress"]):
         res = subprocess.run(launch + cmd, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
+        assert "on 2 processes" in res.stdout, res.stdout[-2000:]  # really two processes
     assert cli(["sample", *sample_args, "--output", str(tmp_path / "s1")]) == 0
     assert cli(["score", "--samples", str(tmp_path / "s1"), "--reward-fn", f"{rf}:reward", "--shard-size", "1",
                 "--output", str(tmp_path / "p1"), "--no-progress"]) == 0

@@ -46,3 +46,14 @@ def add_generation_arguments(p: argparse.ArgumentParser, *, temperature: float, 
     p.add_argument("--no-chat-template", action="store_true",
                    help="plain 'Role:' text format instead of the tokenizer's chat template")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def process_state(device: str | None = None):
+    """accelerate's ``PartialState`` for this process, initialised before any stage code asks for it.
+
+    Under ``accelerate launch`` on a machine without a GPU (or with ``--device cpu``) the processes must
+    join a CPU (gloo) process group; ``PartialState()`` alone would leave each process thinking it is
+    alone. The state is a singleton, so later ``PartialState()`` calls see this one."""
+    import torch
+    from accelerate import PartialState
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())

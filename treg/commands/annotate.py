@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from treg.cliutil import OneLineParser, check_local_path
+from treg.cliutil import OneLineParser, check_local_path, process_state
 from treg.errors import TregError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -91,8 +91,7 @@ def main(argv: list[str]) -> int:
             raise TregError("the DPO model's tokenizer differs from the reference model's", file=args.dpo_model,
                             field="dpo-model")
 
-    from accelerate import PartialState
-    state = PartialState(cpu=args.device == "cpu")
+    state = process_state(args.device)
     device = args.device or state.device
 
     def load_models():

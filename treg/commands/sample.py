@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from treg.cliutil import OneLineParser, add_generation_arguments
+from treg.cliutil import OneLineParser, add_generation_arguments, process_state
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    state = process_state()
     from treg.sampling import sample
     meta = sample(args.model, args.prompts, args.output, n=args.n, temperature=args.temperature,
                   top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, backend=args.backend,
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> int:
                   use_chat_template=not args.no_chat_template, dtype=args.dtype, limit=args.limit,
                   progress=not args.no_progress, dedupe=args.dedupe,
                   tensor_parallel_size=args.tensor_parallel_size)
-    from accelerate import PartialState
-    if PartialState().is_main_process:
-        print(f"treg sample: {meta['prompts']} prompts x {meta['n']} responses -> {args.output}")
+    if state.is_main_process:
+        procs = f" on {state.num_processes} processes" if state.num_processes > 1 else ""
+        print(f"treg sample: {meta['prompts']} prompts x {meta['n']} responses -> {args.output}{procs}")
     return 0

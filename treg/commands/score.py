@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from treg.cliutil import OneLineParser
+from treg.cliutil import OneLineParser, process_state
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,12 +44,14 @@ def print_summary(stats: dict, output: str) -> None:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from accelerate import PartialState
+    state = process_state()
     from treg.scoring import score
     meta, _ = score(args.samples, args.output, reward_model=args.reward_model, reward_fn=args.reward_fn,
                     trust_remote_code=args.trust_remote_code, min_margin=args.min_margin,
                     batch_size=args.batch_size, shard_size=args.shard_size, overwrite=args.overwrite,
                     progress=not args.no_progress)
-    if PartialState().is_main_process:
+    if state.is_main_process:
         print_summary(meta, args.output)
+        if state.num_processes > 1:
+            print(f"treg score: on {state.num_processes} processes")
     return 0
