@@ -72,7 +72,7 @@ def accepted_flags(command: str) -> set[str]:
         parser = config_parser()
     else:
         module = importlib.import_module(COMMANDS[command][0])
-        parser = getattr(module, "build_parser", None) or getattr(module, "_parser")
+        parser = getattr(module, "build_parser")
         parser = parser()
     flags, todo = set(), [parser]
     while todo:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from treg.cliutil import OneLineParser
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -12,10 +14,10 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     from treg.demo import DemoConfig
     d = DemoConfig()
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="treg demo", description="Sample, score (proxy reward), pair, annotate (contrastive prompting), "
         "train DPO and DPO-REG (and ablations) with equal budgets on the toy world, evaluate with the exact "
         "verifier and write results.json, report.md and report.html.")
@@ -56,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from treg.demo import DemoConfig, run_demo
     values = {k: v for k, v in vars(args).items() if k != "quick"}
     if args.quick:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+
+from treg.cliutil import OneLineParser
 import json
 
 from treg.errors import TregError
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="treg toy", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="treg toy", description=__doc__)
     sub = p.add_subparsers(dest="action", required=True, metavar="{build,check}")
     b = sub.add_parser("build", help="train the toy checkpoint from scratch (deterministic)",
                        description="Train the toy tokenizer + tiny Llama by SFT on the toy world and write "
@@ -34,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     import torch
     from treg.toy import ASSETS
     if args.action == "build":
