@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -162,18 +161,8 @@ def parse_config(argv: list[str], prog: str = "treg train", require: tuple[str, 
 
 def load_yaml(path: str) -> dict:
     """Read a YAML mapping of TRegConfig fields; TregError on a missing file, bad YAML or unknown key."""
-    import yaml
-    p = Path(path)
-    if not p.is_file():
-        raise TregError("no such config file", file=path)
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise TregError(f"invalid YAML{where}", file=path) from None
-    if not isinstance(data, dict):
-        raise TregError("expected a mapping of option: value", file=path)
+    from treg.cliutil import read_yaml_mapping
+    data = read_yaml_mapping(path)
     names = {f.name for f in dataclasses.fields(TRegConfig) if f.init}
     for key in data:
         if key not in names:

@@ -117,16 +117,8 @@ def _options(opts: dict, *, underscores: bool) -> list[str]:
 
 def load_config(path: str) -> dict:
     """Read and check the pipeline YAML (TregError names the file and key)."""
-    import yaml
-    p = Path(path)
-    if not p.is_file():
-        raise TregError("no such pipeline config", file=path)
-    try:
-        cfg = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError:
-        raise TregError("invalid YAML", file=path) from None
-    if not isinstance(cfg, dict):
-        raise TregError("expected a mapping", file=path)
+    from treg.cliutil import read_yaml_mapping
+    cfg = read_yaml_mapping(path, what="pipeline config")
     known = {"workdir", "model", *SINGLE, "generate", "eval"}
     for key in cfg:
         if key not in known:
