@@ -45,6 +45,7 @@ def test_dpo_alpha0_hand_values_two_pairs():
     assert m["logps/rejected"] == pytest.approx(-3.5, abs=1e-6)
     assert m["treg/seq_weight"] == pytest.approx((0.268941421370 + 0.5) / 2, abs=1e-6)
     assert m["treg/reg_loss"] == 0.0 and "treg/token_reward_mean_chosen" not in m
+    assert m["treg/pref_loss"] == pytest.approx(out.loss.item(), abs=1e-7)  # alpha = 0: the whole loss
 
 
 @pytest.mark.parametrize("weighting, expected", [
@@ -61,6 +62,7 @@ def test_dpo_reg_hand_values(weighting, expected):
     assert out.loss.item() == pytest.approx(expected, abs=1e-6)
     assert out.reg_loss.tolist() == pytest.approx([-0.325], abs=1e-6)
     assert out.metrics["treg/reg_loss"] == pytest.approx(-0.325, abs=1e-6)
+    assert out.metrics["treg/pref_loss"] == pytest.approx(0.313261687518, abs=1e-6)  # -log sigmoid(1), no reg
     assert out.metrics["treg/token_reward_mean_chosen"] == pytest.approx(-0.125, abs=1e-6)
     assert out.metrics["treg/token_reward_mean_rejected"] == pytest.approx(-0.05, abs=1e-6)
     assert out.metrics["treg/seq_weight"] == pytest.approx(0.268941421370 if weighting == "sequence" else 1.0, abs=1e-6)

@@ -203,9 +203,9 @@ def treg_loss(chosen_logps: Tensor, rejected_logps: Tensor, chosen_mask: Tensor,
 
     with torch.no_grad():  # one device->host transfer for all scalar metrics
         names = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected", "treg/reg_loss", "treg/seq_weight"]
+                 "logps/chosen", "logps/rejected", "treg/pref_loss", "treg/reg_loss", "treg/seq_weight"]
         values = [r_w.mean(), r_l.mean(), (r_w > r_l).float().mean(), (r_w - r_l).mean(),
-                  seq_w.mean(), seq_l.mean(), reg.mean(), w.mean()]
+                  seq_w.mean(), seq_l.mean(), pref.mean(), reg.mean(), w.mean()]
         if has_rewards:
             names += ["treg/token_reward_mean_chosen", "treg/token_reward_mean_rejected"]
             values += [rh_w.sum() / len_w.sum(), rh_l.sum() / len_l.sum()]  # pooled over response tokens

@@ -222,8 +222,8 @@ def html_report(out: Path, results: dict, n_heatmaps: int = 4) -> str:
     parts.append("<h2>Held-out evaluation (mean ± std over seeds)</h2>" + table(METHOD_HEADER, method_rows(results)))
     parts.append("<h2>Token-reward quality against ground truth</h2>" + table(AUROC_HEADER, auroc_rows(results)))
     parts.append("<h2>Learning curves (mean over seeds)</h2>")
-    for key, title in (("loss", "training loss"), ("rewards/margins", "reward margin"),
-                       ("rewards/accuracies", "reward accuracy")):
+    for key, title in (("treg/pref_loss", "preference loss -log sigmoid(z) (comparable across methods)"),
+                       ("rewards/margins", "reward margin"), ("rewards/accuracies", "reward accuracy")):
         png = _curves_png(out, methods, key, title)
         if png:
             parts.append(f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">')

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 # Fixed order so that every process gathers the same vector (a metric a process lacks weighs 0).
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-               "logps/rejected", "treg/reg_loss", "treg/seq_weight", "treg/token_reward_mean_chosen",
+               "logps/rejected", "treg/pref_loss", "treg/reg_loss", "treg/seq_weight", "treg/token_reward_mean_chosen",
                "treg/token_reward_mean_rejected", "treg/credit_agreement")
 _COLUMNS = [PROMPT, *IDS.values(), *REWARD_COLUMNS, *REF_SUM.values(), *REF_TOK.values()]
 
