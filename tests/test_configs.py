@@ -111,8 +111,14 @@ def test_pipeline_yaml_plans_with_known_options(path):
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.parent.name)
 def test_run_script_commands_use_known_options(path):
-    subprocess.run(["bash", "-n", str(path)], check=True)
-    text = path.read_text().replace("\\\n", " ")
+    """A recipe's run.sh sets its own RECIPE/MODEL/... and sources the shared stages: check both, as run."""
+    stages = CONFIGS / "recipe_stages.sh"
+    for script in (path, stages):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    own = path.read_text()
+    assert f"RECIPE={path.parent.name}\n" in own and 'source "$(dirname "$0")/../recipe_stages.sh"' in own
+    assert (CONFIGS / path.parent.name / "train.yaml").is_file()  # what stage 4's --config resolves to
+    text = (own + "\n" + stages.read_text()).replace("\\\n", " ")
     calls = 0
     for line in text.splitlines():
         if line.lstrip().startswith("#"):
