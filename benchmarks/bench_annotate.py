@@ -51,7 +51,7 @@ def padding_ratio(tok, n_pairs: int, batch_tokens: int) -> tuple[float, int]:
     rows = make_rows(tok, n_pairs, 50, 2000, seed=1)
     real = padded = 0
     for s in range(0, len(rows), 256):
-        pairs, _ = build_pairs(rows[s:s + 256], fmt, cfg)
+        pairs = build_pairs(rows[s:s + 256], fmt, cfg)
         lengths = [len(p.ctx[k]) + len(p.resp[k[0]]) for p in pairs for k in p.ctx]
         for batch in plan_batches(lengths, batch_tokens):
             real += sum(lengths[i] for i in batch)
@@ -67,7 +67,7 @@ def sync(device):
 @torch.no_grad()
 def throughput(model, tok, rows, batch_tokens, device, template=None):
     cfg, fmt = AnnotateConfig(batch_tokens=batch_tokens, template=template), ChatFormat(tok)
-    pairs, _ = build_pairs(rows, fmt, cfg)
+    pairs = build_pairs(rows, fmt, cfg)
     seqs = [p.ctx[k] + p.resp[k[0]] for p in pairs for k in p.ctx]
     is_resp = [[False] * len(p.ctx[k]) + [True] * len(p.resp[k[0]]) for p in pairs for k in p.ctx]
     real = sum(map(len, seqs))

@@ -110,28 +110,28 @@ class Progress:
     seconds: float = 0.0
 
 
-def build_pairs(rows: list[PreferenceRow], fmt: ChatFormat, cfg: AnnotateConfig) -> tuple[list[_Pair], list[int]]:
-    """Tokenize pairs; returns ``(pairs, skipped_source_indices)`` (skipped: longer than max_length)."""
-    pairs, skipped = [], []
+def build_pairs(rows: list[PreferenceRow], fmt: ChatFormat, cfg: AnnotateConfig) -> list[_Pair]:
+    """Tokenize pairs; pairs whose longest scored sequence exceeds ``cfg.max_length`` are left out."""
+    pairs = []
     for row in rows:
         prompt_ids = fmt.context_ids(row.prompt)
         resp = {"chosen": fmt.response_ids(row.chosen), "rejected": fmt.response_ids(row.rejected)}
-        ctx = {}
-        query = messages_to_text(row.prompt) if cfg.source == "contrastive" else None
-        for side in SIDES:
-            ctx[(side, "plain")] = prompt_ids
-            if cfg.source == "contrastive":
-                text = getattr(row, side)
-                better, worse = render(cfg.template, query=query, draft=text) \
-                    if cfg.template.mode == "revision" else render(cfg.template, query=query)
-                ctx[(side, "better")] = fmt.context_ids(better)
-                ctx[(side, "worse")] = fmt.context_ids(worse)
+        ctx = {(side, "plain"): prompt_ids for side in SIDES}
+        if cfg.source == "contrastive":
+            query = messages_to_text(row.prompt)
+            if cfg.template.mode == "revision":  # the draft is in the context: one pair of contexts per side
+                for side in SIDES:
+                    better, worse = render(cfg.template, query=query, draft=getattr(row, side))
+                    ctx[(side, "better")], ctx[(side, "worse")] = fmt.context_ids(better), fmt.context_ids(worse)
+            else:  # instruction mode: both responses share the better/worse contexts
+                better, worse = (fmt.context_ids(m) for m in render(cfg.template, query=query))
+                for side in SIDES:
+                    ctx[(side, "better")], ctx[(side, "worse")] = better, worse
         longest = max(len(c) + len(resp[s]) for (s, _), c in ctx.items())
         if cfg.max_length is not None and longest > cfg.max_length:
-            skipped.append(row.index)
             continue
         pairs.append(_Pair(row, prompt_ids, resp, ctx))
-    return pairs, skipped
+    return pairs
 
 
 def plan_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -248,7 +248,7 @@ def annotate(model, tokenizer, rows, *, template: str | Template = "revision", s
     bar = progress_bar(len(rows), enabled=progress)
     stats = Progress()
     for chunk in chunks:
-        pairs, _ = build_pairs(chunk, fmt, cfg)
+        pairs = build_pairs(chunk, fmt, cfg)
         out += annotate_pairs(pairs, model, cfg, pad_id=pad_id, dpo_model=dpo_model, progress=stats)
         bar.update(len(chunk))
         bar.set_postfix_str(rate_text(stats))
@@ -322,7 +322,7 @@ def annotate_to_disk(model, tokenizer, rows: list[PreferenceRow], out, *, cfg: A
     stats = Progress()
     for i in todo:
         chunk = rows[i * shard_size:(i + 1) * shard_size]
-        pairs, _ = build_pairs(chunk, fmt, cfg)
+        pairs = build_pairs(chunk, fmt, cfg)
         writer.write(i, annotate_pairs(pairs, model, cfg, pad_id=pad_id, dpo_model=dpo_model, file=file,
                                        progress=stats))
         bar.update(len(chunk))
