@@ -7,8 +7,8 @@ Public API (stable; reused by ``treg sample`` / ``treg score``):
   (``datasets.load_dataset(name, split=split)``). ``label`` is the file name used in errors.
 * ``normalize_messages(value, *, file, row, field) -> list[dict]`` -- a string becomes
   ``[{"role": "user", "content": s}]``; a list of ``{role, content}`` string dicts is validated.
-* ``read_prompts(source, split="train") -> list[Prompt]`` -- rows with ``prompt`` (string or
-  messages) or ``messages`` (a conversation ending with a non-assistant turn).
+* Prompt files for sampling/generation are read by ``treg.sampling.load_prompt_rows`` (on top of
+  ``read_records`` / ``normalize_messages``).
 * ``read_preference_rows(source, split="train") -> list[PreferenceRow]`` (and ``preference_rows(
   records)`` for in-memory dicts) -- TRL's preference
   formats: standard (``prompt``/``chosen``/``rejected`` strings), conversational (``prompt`` as
@@ -37,21 +37,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from treg.errors import TregError
 
 _SENTINEL = "TREGRESPONSESENTINEL7431"
-
-
-@dataclass
-class Prompt:
-    """One prompt: ``index`` 0-based position in the source, ``row`` 1-based number used in errors."""
-    index: int
-    row: int
-    messages: list[dict]
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -201,23 +192,6 @@ def preference_rows(records, label: str = "<rows>") -> list[PreferenceRow]:
             raise TregError("missing field (needed unless chosen/rejected are conversations)",
                             file=label, row=row, field="prompt")
         out.append(PreferenceRow(index=index, row=row, prompt=prompt, chosen=chosen, rejected=rejected))
-    return out
-
-
-def read_prompts(source: str | os.PathLike, split: str = "train") -> list[Prompt]:
-    """Prompts from rows with ``prompt`` (string/messages) or ``messages``; other fields kept in extra."""
-    records, label = read_records(source, split)
-    if not records:
-        raise TregError("no rows", file=label)
-    out = []
-    for index, (row, rec) in enumerate(records):
-        key = "prompt" if rec.get("prompt") is not None else "messages"
-        msgs = normalize_messages(_require(rec, key, label, row), file=label, row=row, field=key)
-        if msgs[-1]["role"] == "assistant":
-            raise TregError("a prompt must not end with an assistant turn", file=label, row=row,
-                            field=key)
-        extra = {k: v for k, v in rec.items() if k != key}
-        out.append(Prompt(index=index, row=row, messages=msgs, extra=extra))
     return out
 
 
