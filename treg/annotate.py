@@ -106,7 +106,6 @@ class Progress:
     """Counters for progress reporting: real (unpadded) and padded tokens pushed through the model."""
     real_tokens: int = 0
     padded_tokens: int = 0
-    forwards: int = 0
     seconds: float = 0.0
 
 
@@ -178,7 +177,6 @@ def score_sequences(model, seqs: list[tuple[list[int], list[int]]], *, batch_tok
         if progress is not None:
             progress.real_tokens += sum(lengths[i] for i in batch)
             progress.padded_tokens += len(batch) * width
-            progress.forwards += 1
             progress.seconds += time.perf_counter() - t0
     return results
 
