@@ -25,9 +25,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from tiny import CORPUS, tiny_tokenizer  # noqa: E402
 
-from treg.annotate import AnnotateConfig, annotate_pairs, build_pairs, plan_batches  # noqa: E402
+from treg.annotate import AnnotateConfig, annotate_pairs, build_pairs, default_batch_tokens  # noqa: E402
 from treg.chat import ChatFormat, preference_rows  # noqa: E402
 from treg.logprobs import model_token_logps  # noqa: E402
+from treg.seqscore import plan_batches  # noqa: E402
 
 WORDS = " ".join(CORPUS).split()
 
@@ -129,13 +130,18 @@ def main():
     ap.add_argument("--vocab", type=int, default=32000,
                     help="model vocabulary (>= the tiny tokenizer's 400; real models have 32k-256k: the "
                          "output head and full logits cost scale with it)")
-    ap.add_argument("--batch-tokens", type=int, default=8192)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--batch-tokens", type=int, default=None,
+                    help="annotate's budget (default: treg's default for the device, 2048 on CPU)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)")
     ap.add_argument("--toy", action="store_true",
                     help="instead: the shipped toy checkpoint on 500 toy pairs (short sequences, ~30 tokens)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
     device = torch.device(args.device)
+    if args.batch_tokens is None:
+        args.batch_tokens = default_batch_tokens(device)
     if args.toy:
         return toy_main(args, device)
     tok = tiny_tokenizer("llama3")

@@ -17,10 +17,11 @@ Other sources (same schema): ``dpo``: ``r_hat = sigmoid(beta * (lp_dpo - lp_ref)
 prompt (METHOD.md §5, "DPO-reward regularizer"); ``sft-chosen``: +0.5 per chosen token, 0 per
 rejected token (METHOD.md §5, "DPO-SFT").
 
-Speed: all sequences of a chunk of pairs (2 responses x up to 3 contexts) are pooled, sorted by
-length (longest first) and cut into batches whose PADDED size ``n_seqs * max_len`` stays under
-``batch_tokens``; a response's better/worse sequences have near-equal lengths and so land in the
-same forward. Log-probs come from ``treg.logprobs.model_token_logps`` (no (B, T, V) logits).
+Speed: all sequences of a chunk of pairs (2 responses x up to 3 contexts) go to
+``treg.seqscore.score_sequences``: sorted by length into token-budget batches (``batch_tokens``, default
+by device: :func:`default_batch_tokens`), the output head on response tokens only (no (B, T, V) logits),
+and a context shared by several responses (the plain prompt; instruction-mode better/worse prompts)
+computed once into a KV cache where that saves >= 10% of the tokens.
 
 Output columns (one row per pair; docs/data.md contract + extras): ``prompt_input_ids``,
 ``chosen_input_ids``, ``rejected_input_ids``, ``chosen_token_rewards``, ``rejected_token_rewards``
@@ -32,7 +33,6 @@ row of the input), ``prompt_text``, ``chosen_text``, ``rejected_text``.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,10 +40,21 @@ import torch
 
 from treg.chat import ChatFormat, PreferenceRow, messages_to_text, preference_rows
 from treg.errors import TregError
+from treg.seqscore import Progress, score_sequences
 from treg.templates import Template, load_template, render
 
 SOURCES = ("contrastive", "dpo", "sft-chosen")
 SIDES = ("chosen", "rejected")
+# Default padded tokens per forward, by device type. On CPU, throughput falls for big batches
+# (activations leave the caches): the toy checkpoint on 2 cores scores 61.6k tok/s at 2,048 tokens
+# vs 35.0k at 16,384, a hidden-256 Llama 7.3k vs 5.8k (docs/benchmarks.md, "annotate").
+DEFAULT_BATCH_TOKENS = {"cpu": 2048}
+GPU_BATCH_TOKENS = 16384
+
+
+def default_batch_tokens(device) -> int:
+    """``--batch-tokens`` when not given: 2,048 on CPU, 16,384 on accelerators (cuda, mps, xpu...)."""
+    return DEFAULT_BATCH_TOKENS.get(torch.device(device).type, GPU_BATCH_TOKENS)
 
 
 def features():
@@ -101,14 +112,6 @@ class _Pair:
     out: dict = field(default_factory=dict)  # (side, ctx, model) -> response log-probs (np.float32)
 
 
-@dataclass
-class Progress:
-    """Counters for progress reporting: real (unpadded) and padded tokens pushed through the model."""
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    seconds: float = 0.0
-
-
 def build_pairs(rows: list[PreferenceRow], fmt: ChatFormat, cfg: AnnotateConfig) -> list[_Pair]:
     """Tokenize pairs; pairs whose longest scored sequence exceeds ``cfg.max_length`` are left out."""
     pairs = []
@@ -131,54 +134,6 @@ def build_pairs(rows: list[PreferenceRow], fmt: ChatFormat, cfg: AnnotateConfig)
             continue
         pairs.append(_Pair(row, prompt_ids, resp, ctx))
     return pairs
-
-
-def plan_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices sorted by length (longest first, stable) cut so that ``len(batch) * max_len <= batch_tokens``
-    (a sequence longer than the budget gets a batch of its own)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches, cur = [], []
-    for i in order:
-        if cur and (len(cur) + 1) * lengths[cur[0]] > batch_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-@torch.no_grad()
-def score_sequences(model, seqs: list[tuple[list[int], list[int]]], *, batch_tokens: int, pad_id: int,
-                    progress: Progress | None = None) -> list[np.ndarray]:
-    """Per-token log-probs of each response given its context: ``seqs[i] = (context_ids, response_ids)``
-    -> float32 arrays of length ``len(response_ids)`` (``out[t] = log p(y_t | context, y_<t)``)."""
-    from treg.logprobs import model_token_logps
-    device = next(model.parameters()).device
-    lengths = [len(c) + len(r) for c, r in seqs]
-    results: list[np.ndarray | None] = [None] * len(seqs)
-    for batch in plan_batches(lengths, batch_tokens):
-        t0 = time.perf_counter()
-        width = lengths[batch[0]]
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        wanted = torch.zeros((len(batch), width), dtype=torch.bool)  # response tokens only: no head on contexts
-        for j, i in enumerate(batch):
-            ctx, resp = seqs[i]
-            ids[j, :lengths[i]] = torch.tensor(ctx + resp, dtype=torch.long)
-            wanted[j, len(ctx):lengths[i]] = True
-        # Right padding in a causal LM: real positions never attend to the pads after them, and
-        # positions are arange either way, so an all-ones mask gives the same log-probs at real
-        # positions (pads' own outputs are discarded) and keeps SDPA/flash on the mask-free causal path.
-        ids = ids.to(device)
-        logps = model_token_logps(model, ids, torch.ones_like(ids), positions=wanted.to(device)).cpu().numpy()
-        for j, i in enumerate(batch):
-            start = len(seqs[i][0])
-            results[i] = logps[j, start:lengths[i]].copy()
-        if progress is not None:
-            progress.real_tokens += sum(lengths[i] for i in batch)
-            progress.padded_tokens += len(batch) * width
-            progress.seconds += time.perf_counter() - t0
-    return results
 
 
 def _sigmoid_half(x: np.ndarray) -> np.ndarray:
@@ -228,14 +183,17 @@ def _row(p: _Pair, cfg: AnnotateConfig, file: str | None) -> dict:
 
 
 def annotate(model, tokenizer, rows, *, template: str | Template = "revision", source: str = "contrastive",
-             dpo_model=None, beta: float = 0.1, max_length: int | None = None, batch_tokens: int = 16384,
+             dpo_model=None, beta: float = 0.1, max_length: int | None = None, batch_tokens: int | None = None,
              use_chat_template: bool = True, chunk_pairs: int = 256, progress: bool = True):
     """In-memory annotation (no shards): returns a ``datasets.Dataset`` with the columns above.
 
     ``rows``: ``PreferenceRow``s or dicts in a TRL preference format. Pairs longer than
     ``max_length`` (any scored sequence) are skipped. ``dpo_model`` is needed for ``source="dpo"``.
+    ``batch_tokens``: padded tokens per forward (default: :func:`default_batch_tokens` of the model's device).
     """
     import datasets
+    if batch_tokens is None:
+        batch_tokens = default_batch_tokens(next(model.parameters()).device)
     cfg = make_config(template=template, source=source, beta=beta, max_length=max_length,
                       batch_tokens=batch_tokens, use_chat_template=use_chat_template, dpo_model=dpo_model)
     rows = rows if rows and isinstance(rows[0], PreferenceRow) else preference_rows(list(rows))
@@ -282,9 +240,12 @@ def progress_bar(total: int, *, enabled: bool = True, desc: str = "annotate"):
 
 
 def rate_text(stats: Progress) -> str:
+    """``tok/s`` counts context + response tokens of the scored sequences (as a one-sequence-per-forward
+    loop would compute them); ``pad`` = padded / computed tokens; ``shared`` = scored / computed."""
     tps = stats.real_tokens / stats.seconds if stats.seconds else 0.0
-    pad = stats.padded_tokens / stats.real_tokens if stats.real_tokens else 1.0
-    return f"{tps:,.0f} tok/s, pad x{pad:.2f}"
+    pad = stats.padded_tokens / stats.computed_tokens if stats.computed_tokens else 1.0
+    shared = stats.real_tokens / stats.computed_tokens if stats.computed_tokens else 1.0
+    return f"{tps:,.0f} tok/s, pad x{pad:.2f}" + (f", shared x{shared:.2f}" if shared > 1.005 else "")
 
 
 def annotate_to_disk(model, tokenizer, rows: list[PreferenceRow], out, *, cfg: AnnotateConfig,

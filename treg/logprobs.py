@@ -243,6 +243,12 @@ def _position_kwargs(attention_mask: Tensor) -> dict:
     return {"position_ids": (attention_mask.long().cumsum(1) - 1).clamp(min=0)}
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The forward's KV-cache keyword: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    params = inspect.signature(_unwrap(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _naive_token_logps(model, input_ids, attention_mask, targets, extra) -> Tensor:
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
     logits = logits[:, -input_ids.shape[1]:-1].float()                             # (B, L-1, V)
@@ -251,14 +257,19 @@ def _naive_token_logps(model, input_ids, attention_mask, targets, extra) -> Tens
 
 
 def model_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, chunk_size: int = 512,
-                      naive: bool = False, positions: Tensor | None = None) -> Tensor:
+                      naive: bool = False, positions: Tensor | None = None, prefix=None) -> Tensor:
     """float32 (B, L): out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]); out[:, 0] = 0 and 0 where
     attention_mask is 0 (also at a left-padded row's first real token, which has no context).
     Differentiable w.r.t. the model's parameters. input_ids, attention_mask: (B, L), right or left padded.
 
     positions: optional (B, L) bool, the tokens whose log-probs are wanted (e.g. response tokens);
     the others come back as 0 and the output head is not evaluated there at all, which skips the
-    (hidden x vocab) work on prompt tokens. Without it every real token is scored."""
+    (hidden x vocab) work on prompt tokens. Without it every real token is scored.
+
+    prefix: optional ``(cache, prefix_mask)``: the rows continue a KV cache (a transformers ``Cache``
+    holding B rows of P positions; ``prefix_mask`` (B, P) marks its real positions, right padded).
+    ``input_ids`` must then be right padded; positions continue from each row's real prefix length
+    (treg.seqscore's shared-context path)."""
     batch, length = input_ids.shape
     scored = (attention_mask[:, 1:] != 0) & (attention_mask[:, :-1] != 0)        # token and its context
     if positions is not None:
@@ -267,6 +278,12 @@ def model_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
         scored = scored & positions[:, 1:].bool()
     targets = input_ids[:, 1:].masked_fill(~scored, IGNORE_INDEX)                 # (B, L-1)
     extra = _position_kwargs(attention_mask)
+    if prefix is not None:                       # (B, P) cached positions, then these L tokens
+        cache, prefix_mask = prefix
+        start = prefix_mask.long().sum(1, keepdim=True)                            # (B, 1) real prefix lengths
+        extra = {"position_ids": start + torch.arange(length, device=input_ids.device)[None],
+                 cache_argument(model): cache}
+        attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], 1)  # (B, P + L)
     zero_col = torch.zeros(batch, 1, dtype=torch.float32, device=input_ids.device)
     parts = None
     if not naive:

@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None,
                    help="skip pairs whose longest scored sequence (context + response) exceeds this many "
                         "tokens (default: keep all)")
-    p.add_argument("--batch-tokens", type=int, default=16384,
-                   help="padded tokens per forward pass (batch rows x longest row; default 16384)")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="padded tokens per forward pass (batch rows x longest row; default 2048 on CPU, "
+                        "16384 on GPU: big batches are slower on CPU)")
     p.add_argument("--shard-size", type=int, default=256,
                    help="pairs per output shard (the unit of resume and of multi-process work; default 256)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights dtype (default float32)")
@@ -71,7 +72,9 @@ def _load_tokenizer(name: str, what: str):
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from treg.annotate import annotate_to_disk, make_config
+    import torch
+
+    from treg.annotate import annotate_to_disk, default_batch_tokens, make_config
     from treg.chat import ChatFormat, read_preference_rows
 
     if args.no_progress:
@@ -79,8 +82,17 @@ def main(argv: list[str]) -> int:
         datasets.disable_progress_bars()
     if args.shard_size < 1:
         raise TregError("must be >= 1", field="shard-size")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise TregError(f"not a torch device: '{args.device}' (e.g. cpu, cuda, cuda:1, mps)",
+                            field="device") from None
+    state = process_state(args.device)
+    device = args.device or state.device
+    batch_tokens = args.batch_tokens if args.batch_tokens is not None else default_batch_tokens(device)
     cfg = make_config(template=args.template, source=args.source, beta=args.beta, max_length=args.max_length,
-                      batch_tokens=args.batch_tokens, use_chat_template=not args.no_chat_template,
+                      batch_tokens=batch_tokens, use_chat_template=not args.no_chat_template,
                       dpo_model=args.dpo_model)
     rows = read_preference_rows(args.dataset, split=args.split)  # all input errors before any model load
     tokenizer = _load_tokenizer(args.model, "model")
@@ -90,9 +102,6 @@ def main(argv: list[str]) -> int:
         if other.get_vocab() != tokenizer.get_vocab():
             raise TregError("the DPO model's tokenizer differs from the reference model's", file=args.dpo_model,
                             field="dpo-model")
-
-    state = process_state(args.device)
-    device = args.device or state.device
 
     def load_models():
         if args.no_progress:
