@@ -243,7 +243,7 @@ BAD_ROWS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_ROWS) + ["template", "no-chat-template", "flag", "too-long"])
+@pytest.mark.parametrize("case", list(BAD_ROWS) + ["template", "no-chat-template", "flag", "too-long", "device"])
 def test_bad_input_one_line_exit_2_nothing_written(saved, tmp_path, capsys, case):
     out = tmp_path / "out"
     data = tmp_path / "d.jsonl"
@@ -267,6 +267,9 @@ def test_bad_input_one_line_exit_2_nothing_written(saved, tmp_path, capsys, case
     elif case == "too-long":  # every pair skipped: refuse instead of writing an empty dataset
         argv += ["--max-length", "5"]
         expect = [str(data), "field 'max-length'", "nothing written"]
+    elif case == "device":
+        argv[argv.index("--device") + 1] = "cpux"
+        expect = ["field 'device'", "cpux"]
     else:
         argv[argv.index("--model") + 1] = str(saved / "m_plain")
         expect = ["no-chat-template", "m_plain"]

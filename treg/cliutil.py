@@ -49,6 +49,17 @@ def add_generation_arguments(p: argparse.ArgumentParser, *, temperature: float, 
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def check_device(device: str, field: str = "device") -> None:
+    """TregError unless ``device`` names a torch device usable on this machine (``cuda`` without a GPU,
+    a typo such as ``cpux``)."""
+    import torch
+    try:
+        torch.empty(0, device=torch.device(device))
+    except (RuntimeError, ValueError, AssertionError) as err:
+        reason = (str(err).strip().splitlines() or ["unknown device"])[0]
+        raise TregError(f"device '{device}' is not usable here ({reason})", field=field) from None
+
+
 def process_state(device: str | None = None):
     """accelerate's ``PartialState`` for this process, initialised before any stage code asks for it.
 

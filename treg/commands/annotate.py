@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from treg.cliutil import OneLineParser, check_local_path, process_state
+from treg.cliutil import OneLineParser, check_device, check_local_path, process_state
 from treg.errors import TregError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -72,8 +72,6 @@ def _load_tokenizer(name: str, what: str):
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    import torch
-
     from treg.annotate import annotate_to_disk, default_batch_tokens, make_config
     from treg.chat import ChatFormat, read_preference_rows
 
@@ -83,11 +81,7 @@ def main(argv: list[str]) -> int:
     if args.shard_size < 1:
         raise TregError("must be >= 1", field="shard-size")
     if args.device is not None:
-        try:
-            torch.device(args.device)
-        except (RuntimeError, ValueError):
-            raise TregError(f"not a torch device: '{args.device}' (e.g. cpu, cuda, cuda:1, mps)",
-                            field="device") from None
+        check_device(args.device)
     state = process_state(args.device)
     device = args.device or state.device
     batch_tokens = args.batch_tokens if args.batch_tokens is not None else default_batch_tokens(device)
