@@ -12,11 +12,11 @@ from treg import seqscore
 from treg.seqscore import Progress, context_groups, plan_batches, plan_groups, score_sequences
 
 
-def _llama(kv_heads=2, seed=0, **extra):
+def _llama(kv_heads=2, seed=0, max_position_embeddings=256, **extra):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=max_position_embeddings,
                       pad_token_id=0, **extra)
     return LlamaForCausalLM(cfg).eval()
 
@@ -110,3 +110,36 @@ def test_planners_respect_the_budget():
     for b in groups:
         cost = len(b) * max(prefix[g] for g in b) + sum(len(leaves[g]) for g in b) * max(n for g in b for n in leaves[g])
         assert cost <= 300 or len(b) == 1
+
+
+def test_refused_configurations_are_scored_by_rows():
+    """Cases a review found wrong or fragile on the cached path: each is refused up front."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+    torch.manual_seed(0)
+    neo = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4,
+                                         attention_types=[[["global", "local"], 1]], window_size=8,
+                                         max_position_embeddings=256, pad_token_id=0)).eval()
+    dynamic = _llama(max_position_embeddings=16,
+                     rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})
+    prompt = get_peft_model(_llama(), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3))
+    reasons = [seqscore.shared_unsupported(m) for m in (neo, dynamic, prompt)]
+    assert "gpt_neo" in reasons[0] and "RoPE" in reasons[1] and "prompt learning" in reasons[2]
+    seqs, stats = _seqs(4), Progress()
+    out = score_sequences(neo, seqs, batch_tokens=200, pad_id=0, progress=stats)
+    assert stats.computed_tokens == stats.real_tokens
+    for (ctx, resp), lp in zip(seqs, out):
+        np.testing.assert_allclose(lp, _direct(neo, ctx, resp), atol=1e-5, rtol=0)
+
+
+def test_head_fallback_on_the_cached_path_is_exact():
+    """A head treg.logprobs cannot reproduce (an unknown logit transform) makes model_token_logps rerun with
+    full logits; on the cached path that rerun must not see the tokens the first try appended to the cache."""
+    model, seqs = _llama(seed=5), _seqs(5)
+    model.lm_head.register_forward_hook(lambda mod, args, out: out * 3.0)
+    stats = Progress()
+    with pytest.warns(RuntimeWarning, match="full logits"):
+        out = score_sequences(model, seqs, batch_tokens=120, pad_id=0, progress=stats)
+    assert stats.computed_tokens < stats.real_tokens and seqscore.shared_unsupported(model) is None
+    for (ctx, resp), lp in zip(seqs, out):
+        np.testing.assert_allclose(lp, _direct(model, ctx, resp), atol=1e-5, rtol=0)

@@ -312,6 +312,8 @@ def model_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     if reason is not None:
         _NAIVE_MODELS[model] = reason
         _warn_once(f"treg.logprobs: using full logits (more memory) for {type(model).__name__}: {reason}")
+        if prefix is not None:  # the forward above appended these tokens to the cache: drop them again
+            prefix[0].crop(-length)  # negative: "remove this many" in every transformers 5.x
         return torch.cat([zero_col, _naive_token_logps(model, input_ids, attention_mask, targets, extra)], 1)
     lp = chunked_token_logps(hidden[:, :-1], weight, targets, bias=bias, softcap=softcap, chunk_size=chunk_size)
     return torch.cat([zero_col, lp], 1)
