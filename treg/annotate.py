@@ -48,13 +48,12 @@ SIDES = ("chosen", "rejected")
 # Default padded tokens per forward, by device type. On CPU, throughput falls for big batches
 # (activations leave the caches): the toy checkpoint on 2 cores scores 61.6k tok/s at 2,048 tokens
 # vs 35.0k at 16,384, a hidden-256 Llama 7.3k vs 5.8k (docs/benchmarks.md, "annotate").
-DEFAULT_BATCH_TOKENS = {"cpu": 2048}
-GPU_BATCH_TOKENS = 16384
+CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 2048, 16384
 
 
 def default_batch_tokens(device) -> int:
     """``--batch-tokens`` when not given: 2,048 on CPU, 16,384 on accelerators (cuda, mps, xpu...)."""
-    return DEFAULT_BATCH_TOKENS.get(torch.device(device).type, GPU_BATCH_TOKENS)
+    return CPU_BATCH_TOKENS if torch.device(device).type == "cpu" else GPU_BATCH_TOKENS
 
 
 def features():

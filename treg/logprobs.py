@@ -277,8 +277,9 @@ def model_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
             raise ValueError(f"positions must have shape {(batch, length)}, got {tuple(positions.shape)}")
         scored = scored & positions[:, 1:].bool()
     targets = input_ids[:, 1:].masked_fill(~scored, IGNORE_INDEX)                 # (B, L-1)
-    extra = _position_kwargs(attention_mask)
-    if prefix is not None:                       # (B, P) cached positions, then these L tokens
+    if prefix is None:
+        extra = _position_kwargs(attention_mask)
+    else:                                        # (B, P) cached positions, then these L tokens
         cache, prefix_mask = prefix
         start = prefix_mask.long().sum(1, keepdim=True)                            # (B, 1) real prefix lengths
         extra = {"position_ids": start + torch.arange(length, device=input_ids.device)[None],

@@ -177,8 +177,8 @@ def _score_rows(model, seqs, batch_tokens: int, pad_id: int, progress: Progress 
         for j, i in enumerate(batch):
             start = len(seqs[i][0])
             results[i] = logps[j, start:lengths[i]].copy()
-        _count(progress, t0, real=sum(lengths[i] for i in batch), computed=sum(lengths[i] for i in batch),
-               padded=len(batch) * width)
+        real = sum(lengths[i] for i in batch)
+        _count(progress, t0, real=real, computed=real, padded=len(batch) * width)
     return results
 
 
@@ -194,7 +194,7 @@ def _score_shared(model, seqs, groups, results, batch_tokens, pad_id, progress) 
     """Fill ``results`` for the sequences in ``groups`` (each: indices sharing one context)."""
     prefix_lens = [len(seqs[g[0]][0]) - 1 for g in groups]
     leaf_lens = [[1 + len(seqs[i][1]) for i in g] for g in groups]
-    for n, batch in enumerate(plan_groups(prefix_lens, leaf_lens, batch_tokens)):
+    for batch in plan_groups(prefix_lens, leaf_lens, batch_tokens):
         t0 = time.perf_counter()
         members = [groups[g] for g in batch]
         out = _shared_batch(model, seqs, members, pad_id)
@@ -209,8 +209,7 @@ def _score_shared(model, seqs, groups, results, batch_tokens, pad_id, progress) 
                                 f"mean {mean:.3g})")
                 return
             _VERIFIED[model] = None
-        results_for = {i: out[i] for m in members for i in m}
-        for i, lp in results_for.items():
+        for i, lp in out.items():
             results[i] = lp
         tp = max(prefix_lens[g] for g in batch)
         tl = max(n for g in batch for n in leaf_lens[g])
