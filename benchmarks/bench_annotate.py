@@ -5,7 +5,7 @@
 2. throughput on a random Llama (tiny byte-level BPE tokenizer, local, no hub), or with ``--toy`` on the
    shipped toy checkpoint and toy pairs (instruction template); best of ``--repeats`` interleaved runs:
    - annotate: ``annotate_pairs`` (budgeted batches, head on response tokens only, shared contexts
-     computed once where that pays: treg.seqscore)
+     computed once where that pays: treg.method.seqscore)
    - annotate without context sharing: ``score_sequences(share=False)`` on the same sequences
    - naive loop: one context + response per forward, full logits + log_softmax + gather
    - pad-free stream: the same real tokens packed into rows with no padding at all (the widths of
@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from tiny import CORPUS, tiny_tokenizer  # noqa: E402
 
-from treg.annotate import AnnotateConfig, annotate_pairs, build_pairs, default_batch_tokens  # noqa: E402
-from treg.chat import ChatFormat, preference_rows  # noqa: E402
-from treg.logprobs import model_token_logps  # noqa: E402
-from treg.seqscore import Progress, plan_batches, score_sequences  # noqa: E402
+from treg.stages.annotate import AnnotateConfig, annotate_pairs, build_pairs, default_batch_tokens  # noqa: E402
+from treg.io.chat import ChatFormat, preference_rows  # noqa: E402
+from treg.method.logprobs import model_token_logps  # noqa: E402
+from treg.method.seqscore import Progress, plan_batches, score_sequences  # noqa: E402
 
 WORDS = " ".join(CORPUS).split()
 
@@ -200,7 +200,7 @@ def main():
 def toy_main(args, device):
     """The embedded toy world: real sampled pairs, the toy's instruction template, its 1M-parameter model."""
     from treg import toy
-    from treg.templates import load_template
+    from treg.method.templates import load_template
     from treg.toy.pipeline import prompts, sample_responses
     model, tok = toy.load()
     model = model.to(device, getattr(torch, args.dtype)).eval()

@@ -18,7 +18,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
     args = p.parse_args()
     import torch
-    from treg.demo import DemoConfig, _quiet_libraries, train_policy
+    from treg.toy.demo import DemoConfig, _quiet_libraries, train_policy
     from treg.toy import checkpoint_path, load, pipeline
     _quiet_libraries()
     cfg = DemoConfig(train_prompts=args.train_prompts, eval_prompts=args.eval_prompts, steps=args.steps,

@@ -1,4 +1,4 @@
-"""Peak memory and time of per-token log-probs: chunked (treg.logprobs) vs naive log_softmax + gather.
+"""Peak memory and time of per-token log-probs: chunked (treg.method.logprobs) vs naive log_softmax + gather.
 
 One forward + backward of ``log p(target)`` from hidden states (B, T, H) and an output embedding (V, H),
 defaults: vocab 128,256 (Llama-3), 1,024 tokens, batch 2, hidden 64. Each variant runs in a fresh
@@ -23,7 +23,7 @@ import time
 
 def worker(args) -> dict:
     import torch
-    from treg.logprobs import chunked_token_logps
+    from treg.method.logprobs import chunked_token_logps
     torch.manual_seed(0)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     hidden = torch.randn(args.batch, args.tokens, args.hidden, device=dev, dtype=dtype, requires_grad=True)
@@ -70,7 +70,7 @@ def verify(device: str) -> None:
     model_token_logps vs the naive path on a tiny Llama in bf16 (prints max errors, a markdown table)."""
     import warnings
     import torch
-    from treg.logprobs import chunked_token_logps, model_token_logps
+    from treg.method.logprobs import chunked_token_logps, model_token_logps
     torch.manual_seed(0)
     print("| check | dtype | softcap | max abs err logp | max rel err grad hidden | max rel err grad weight |")
     print("|---|---|---|---|---|---|")

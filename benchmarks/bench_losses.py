@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from treg.losses import treg_loss
+from treg.method.losses import treg_loss
 
 VARIANTS = [  # (label, kwargs)
     ("DPO (alpha=0)", dict(method="dpo", alpha=0.0)),

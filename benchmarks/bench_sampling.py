@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_sampling.py            # CUDA: 8B-shaped random-init Llama
     PYTHONPATH=. python benchmarks/bench_sampling.py --small    # CPU smoke run
 
-1. Correctness on the device: seeded sampling (treg.sampling.hf_generate with the Gumbel-max
+1. Correctness on the device: seeded sampling (treg.stages.sampling.hf_generate with the Gumbel-max
    processor) gives the same responses in batches of 1 and of 6, in float32 and bfloat16; the reward
    model scorer's padded batches equal unpadded single forwards.
 2. Throughput of the ``hf`` backend (model.generate) on a Llama-3-8B-shaped model with random
@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 def check_correctness(device: str) -> list[str]:
     from tiny import tiny_llama, tiny_tokenizer
-    from treg.chat import ChatFormat
-    from treg.sampling import hf_generate, row_seed, stop_token_ids
-    from treg.scoring import RewardModelScorer
+    from treg.io.chat import ChatFormat
+    from treg.stages.sampling import hf_generate, row_seed, stop_token_ids
+    from treg.stages.scoring import RewardModelScorer
     out = []
     tok = tiny_tokenizer("llama3")
     chat = ChatFormat(tok)
@@ -47,7 +47,7 @@ def check_correctness(device: str) -> list[str]:
             cpu = hf_generate(model.cpu(), tok, ctx, seeds, batch_size=6, **kw)
             same = sum(a == b for a, b in zip(cpu, six))
             out.append(f"seeded sampling float32: {device} vs cpu identical for {same}/{len(ctx)} prompts")
-    from treg.sampling import hashed_uniform
+    from treg.stages.sampling import hashed_uniform
     noise_same = torch.equal(hashed_uniform([1, 2**40 + 3], 7, 128256, device=device).cpu(),
                              hashed_uniform([1, 2**40 + 3], 7, 128256))
     out.append(f"hashed noise identical on {device} and cpu: {noise_same}")
@@ -72,7 +72,7 @@ def check_correctness(device: str) -> list[str]:
 
 def throughput(device: str, small: bool, batch: int, prompt_len: int, new_tokens: int) -> list[str]:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
-    from treg.sampling import GumbelSampler
+    from treg.stages.sampling import GumbelSampler
     if small:
         cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2)

@@ -110,8 +110,8 @@ def child(args) -> dict:
         trainer = PreTokenized(model, args=DPOConfig(precompute_ref_log_probs=True, **common),
                                train_dataset=trl_data, processing_class=tok, callbacks=[Clock()])
     else:
-        from treg.config import TRegConfig
-        from treg.trainer import TRegTrainer
+        from treg.stages.config import TRegConfig
+        from treg.stages.trainer import TRegTrainer
         trainer = TRegTrainer(model, TRegConfig(alpha=0.25 if args.child == "reg" else 0.0, **common), data,
                               processing_class=tok, callbacks=[Clock()])
     if cuda:

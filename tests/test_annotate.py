@@ -13,12 +13,12 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 
-from treg.annotate import AnnotateConfig, annotate, annotate_to_disk  # noqa: E402
-from treg.chat import ChatFormat, messages_to_text, preference_rows  # noqa: E402
+from treg.stages.annotate import AnnotateConfig, annotate, annotate_to_disk  # noqa: E402
+from treg.io.chat import ChatFormat, messages_to_text, preference_rows  # noqa: E402
 from treg.cli import main as cli  # noqa: E402
-from treg.data import load_annotated  # noqa: E402
+from treg.io.data import load_annotated  # noqa: E402
 from treg.errors import TregError  # noqa: E402
-from treg.templates import load_template, render  # noqa: E402
+from treg.method.templates import load_template, render  # noqa: E402
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Add 2 and 3"}]
@@ -94,8 +94,8 @@ def test_stored_reference_sums_the_tokens_the_trainer_scores(tok, model, tmp_pat
     included): the trainer's own reference pass gives the same numbers, and with the annotated columns
     the untrained policy has zero implicit rewards (policy == reference)."""
     import copy
-    from treg.config import TRegConfig
-    from treg.trainer import TRegTrainer
+    from treg.stages.config import TRegConfig
+    from treg.stages.trainer import TRegTrainer
     ds = annotate(model, tok, ROWS, progress=False)
     stored = [c for c in ds.column_names if c.startswith("ref_")]
     args = TRegConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", alpha=0.25, disable_tqdm=True,
@@ -154,7 +154,7 @@ def test_cli_resume_after_crash_and_refusal(saved, tok, tmp_path, capsys):
     assert _table(full) == want
 
     # crash after two shards, then rerun with the same arguments: identical dataset
-    from treg.annotate import default_batch_tokens, make_config
+    from treg.stages.annotate import default_batch_tokens, make_config
     assert default_batch_tokens("cpu") == 2048  # what the CLI uses on CPU without --batch-tokens
     cfg = make_config(template="revision", source="contrastive", beta=0.1, max_length=None, batch_tokens=2048,
                       use_chat_template=True, dpo_model=None)
@@ -188,12 +188,12 @@ def test_cli_resume_after_crash_and_refusal(saved, tok, tmp_path, capsys):
 
 SLOW_WRITER = """
 import sys, time
-import treg.shards
-_write = treg.shards.ShardedWriter.write
+import treg.io.shards
+_write = treg.io.shards.ShardedWriter.write
 def slow_write(self, i, rows):  # widen the window between shards so the kill lands mid-run
     _write(self, i, rows)
     time.sleep(0.3)
-treg.shards.ShardedWriter.write = slow_write
+treg.io.shards.ShardedWriter.write = slow_write
 from treg.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -1,4 +1,4 @@
-"""treg/chat.py: reading TRL preference formats and exact token alignment (METHOD.md §1)."""
+"""treg/io/chat.py: reading TRL preference formats and exact token alignment (METHOD.md §1)."""
 import json
 import os
 import sys
@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny import tiny_tokenizer  # noqa: E402
 
-from treg.chat import ChatFormat, messages_to_text, read_preference_rows  # noqa: E402
+from treg.io.chat import ChatFormat, messages_to_text, read_preference_rows  # noqa: E402
 from treg.errors import TregError  # noqa: E402
 
 TRICKY = [" leading space", "\nstarts with a newline", "\n\n  two newlines and spaces", "ing merges",
@@ -94,7 +94,7 @@ def test_read_trl_formats(tmp_path):
     assert [r.row for r in got] == [1, 2, 3, 4]
     (tmp_path / "d.json").write_text(json.dumps(rows[:1]))
     assert read_preference_rows(str(tmp_path / "d.json"))[0].chosen == "good"
-    from treg.sampling import load_prompt_rows  # the one prompt reader (sample, generate)
+    from treg.stages.sampling import load_prompt_rows  # the one prompt reader (sample, generate)
     assert load_prompt_rows(_write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x", "id": 7}]))[0][0].extra == {"id": 7}
 
 

@@ -20,7 +20,7 @@ SCRIPTS = sorted(CONFIGS.glob("*/run.sh"))
 
 def _train_config(path, *extra):
     import torch
-    from treg.config import parse_config
+    from treg.stages.config import parse_config
     cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]  # bf16: true needs a GPU otherwise
     return parse_config(["--config", str(path), *cpu, *extra])
 
@@ -88,13 +88,13 @@ def test_deepspeed_json_is_filled_by_the_trainer(path, train, monkeypatch):
 
 
 def _known_options(command):
-    from treg.pipeline import known_options
+    from treg.stages.pipeline import known_options
     return known_options(command)
 
 
 @pytest.mark.parametrize("path", PIPES, ids=lambda p: p.parent.name)
 def test_pipeline_yaml_plans_with_known_options(path):
-    from treg.pipeline import load_config, plan
+    from treg.stages.pipeline import load_config, plan
     stages = plan(load_config(str(path)))
     assert [s.command for s in stages][:4] == ["sample", "score", "annotate", "train"]
     assert {s.command for s in stages} >= {"generate", "eval"}

@@ -1,4 +1,4 @@
-"""Tests for treg/data.py: the annotated-dataset contract (validation, TRL-1.16 truncation, collator).
+"""Tests for treg/io/data.py: the annotated-dataset contract (validation, TRL-1.16 truncation, collator).
 
 ``make_pairs`` / ``write_pairs`` are also used by the trainer, CLI and distributed tests.
 """
@@ -13,10 +13,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from treg.data import (PairCollator, load_annotated, response_window, truncate_pairs,  # noqa: E402
+from treg.io.data import (PairCollator, load_annotated, response_window, truncate_pairs,  # noqa: E402
                        truncate_sequence, write_annotated)
 from treg.errors import TregError  # noqa: E402
-from treg.meta import tokenizer_fingerprint  # noqa: E402
+from treg.io.meta import tokenizer_fingerprint  # noqa: E402
 
 
 def make_pairs(n: int = 8, *, seed: int = 0, vocab: int = 400, prompt=(3, 7), response=(2, 9), ref=False):

@@ -26,14 +26,14 @@ import faulthandler, json, sys
 faulthandler.dump_traceback_later(170, exit=True)  # a hang shows its stack instead of timing out silently
 sys.path.insert(0, TESTS)
 import torch
-from treg.commands.train import shutdown
+from treg.cli.train import shutdown
 
 
 def run(out, per_device, grad_acc=1):
     from test_data import make_pairs
     from tiny import tiny_llama, tiny_tokenizer
-    from treg.config import TRegConfig
-    from treg.trainer import TRegTrainer
+    from treg.stages.config import TRegConfig
+    from treg.stages.trainer import TRegTrainer
     tok = tiny_tokenizer("llama3")
     args = TRegConfig(output_dir=out, max_steps=4, per_device_train_batch_size=per_device,
                       gradient_accumulation_steps=grad_acc, learning_rate=1e-3, logging_steps=1, seed=0,

@@ -68,7 +68,7 @@ def doc_commands() -> list[tuple[str, str, str]]:
 def accepted_flags(command: str) -> set[str]:
     """Every option string the command's parser accepts (sub-commands' options included)."""
     if command == "train":
-        from treg.config import config_parser
+        from treg.stages.config import config_parser
         parser = config_parser()
     else:
         module = importlib.import_module(COMMANDS[command][0])
@@ -117,7 +117,7 @@ def test_every_documented_train_yaml_key_is_a_config_field():
     ``model_name_or_path`` key) uses only TRegConfig fields (``treg train`` refuses unknown keys)."""
     import dataclasses
 
-    from treg.config import TRegConfig
+    from treg.stages.config import TRegConfig
     fields = {f.name for f in dataclasses.fields(TRegConfig)}
     wrong, seen = [], 0
     for doc in DOCS:
@@ -135,7 +135,7 @@ def test_every_documented_train_yaml_key_is_a_config_field():
 def test_every_documented_pipeline_yaml_plans(tmp_path):
     """Pipeline YAML shown in the docs (a ``workdir`` key) loads, plans and passes the planner's option
     check (``$(...)`` shell substitutions stand in as a plain value)."""
-    from treg.pipeline import check_options, load_config, plan
+    from treg.stages.pipeline import check_options, load_config, plan
     seen = 0
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")

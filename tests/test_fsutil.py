@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from treg.fsutil import atomic_directory, atomic_write_text
+from treg.io.fsutil import atomic_directory, atomic_write_text
 
 
 def _mode(path) -> int:
@@ -35,7 +35,7 @@ def test_failure_leaves_the_old_output_and_no_temp(tmp_path):
         with atomic_directory(tmp_path / "d") as tmp:
             (tmp / "f").write_text("half")
             raise RuntimeError("crash")
-    from treg.fsutil import atomic_file
+    from treg.io.fsutil import atomic_file
     with pytest.raises(RuntimeError):
         with atomic_file(tmp_path / "x.txt") as tmp:
             tmp.write_text("half")

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny import save_tiny_model  # noqa: E402
 
 from treg.cli import main as cli  # noqa: E402
-from treg.evaluation import fit_logistic, length_controlled_win_rate, win_rate_stats  # noqa: E402
+from treg.stages.evaluation import fit_logistic, length_controlled_win_rate, win_rate_stats  # noqa: E402
 
 INSTRUCTIONS = ["Hello there", "What is a fox?", "Numbers like 12345", "Say hi"]
 

@@ -1,4 +1,4 @@
-"""Tests for treg/logprobs.py: chunked log-probs equal the naive log_softmax+gather, values and grads."""
+"""Tests for treg/method/logprobs.py: chunked log-probs equal the naive log_softmax+gather, values and grads."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny import tiny_llama  # noqa: E402
 
-from treg.logprobs import chunked_token_logps, model_token_logps  # noqa: E402
+from treg.method.logprobs import chunked_token_logps, model_token_logps  # noqa: E402
 
 V = 37
 
@@ -46,8 +46,8 @@ def _grads(fn, hidden, weight, bias, targets, **kw):
 @pytest.mark.parametrize("shape, chunk, softcap, block", [((2, 5), 3, None, 8192), ((7,), 512, None, 10),
                                                           ((3, 4), 5, 1.5, 8), ((3, 4), 2, None, 1)])
 def test_chunked_matches_naive_values_and_grads(shape, chunk, softcap, block, monkeypatch):
-    import treg.logprobs
-    monkeypatch.setattr(treg.logprobs, "VOCAB_BLOCK", block)  # backward tiles of `block` vocab entries
+    import treg.method.logprobs
+    monkeypatch.setattr(treg.method.logprobs, "VOCAB_BLOCK", block)  # backward tiles of `block` vocab entries
     hidden, weight, bias, targets = _inputs(shape)
     targets.view(-1)[1] = -100
     ours, g_ours = _grads(chunked_token_logps, hidden, weight, bias, targets, softcap=softcap, chunk_size=chunk)
@@ -79,8 +79,8 @@ def test_ignore_index_gives_zero_and_no_gradient():
 
 
 def test_bf16_inputs(monkeypatch):
-    import treg.logprobs
-    monkeypatch.setattr(treg.logprobs, "VOCAB_BLOCK", 16)
+    import treg.method.logprobs
+    monkeypatch.setattr(treg.method.logprobs, "VOCAB_BLOCK", 16)
     hidden, weight, bias, targets = _inputs(dtype=torch.bfloat16)
     out, grads = _grads(chunked_token_logps, hidden, weight, bias, targets, chunk_size=4)
     ref, ref_grads = _grads(_naive, hidden, weight, bias, targets)  # fp32 math on the same bf16 values

@@ -1,4 +1,4 @@
-"""Tests for treg/losses.py: hand-derived values, gradients, stop-gradient, TRL oracles, errors."""
+"""Tests for treg/method/losses.py: hand-derived values, gradients, stop-gradient, TRL oracles, errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from treg.losses import PREFERENCE_LOSSES, PairwiseLoss, treg_loss
+from treg.method.losses import PREFERENCE_LOSSES, PairwiseLoss, treg_loss
 
 NAN = float("nan")
 T, F = True, False

@@ -68,9 +68,9 @@ def test_end_to_end_then_skip(setup, capsys):
     pairs = datasets.load_from_disk(str(run / "pairs"))
     assert {"prompt", "chosen", "rejected", "score_chosen", "score_rejected", "all_scores"} <= set(pairs.column_names)
     assert all(c > r for c, r in zip(pairs["score_chosen"], pairs["score_rejected"]))
-    # annotate: the annotated-dataset contract of treg.data
+    # annotate: the annotated-dataset contract of treg.io.data
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from treg.data import load_annotated
+    from treg.io.data import load_annotated
     tok = AutoTokenizer.from_pretrained(tmp / "policy")
     ann = load_annotated(str(run / "annotated"), tok, need_rewards=True).dataset
     assert len(ann) == len(pairs)

@@ -29,7 +29,7 @@ def prompts_file(tmp_path_factory):
 
 
 def _run(model_dir, prompts, out, **kw):
-    from treg.sampling import sample
+    from treg.stages.sampling import sample
     args = dict(n=3, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=7, progress=False)
     args.update(kw)
     return sample(model_dir, prompts, str(out), **args)
@@ -73,8 +73,8 @@ def test_conversational_prompts(model_dir, tmp_path):
 
 def test_greedy_is_deterministic_and_batch_independent(model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from treg.chat import ChatFormat
-    from treg.sampling import hf_generate, stop_token_ids
+    from treg.io.chat import ChatFormat
+    from treg.stages.sampling import hf_generate, stop_token_ids
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     chat = ChatFormat(tok)
@@ -159,7 +159,7 @@ def test_vllm_backend_wiring_with_a_fake_engine(model_dir, prompts_file, tmp_pat
     response, stop ids, tensor parallelism) and that the output schema equals the hf backend's."""
     import importlib.machinery
     import types
-    from treg.sampling import row_seed
+    from treg.stages.sampling import row_seed
     calls = {}
 
     class LLM:
@@ -187,7 +187,7 @@ def test_vllm_backend_wiring_with_a_fake_engine(model_dir, prompts_file, tmp_pat
 
 def test_gumbel_sampler_draws_from_the_top_p_softmax():
     import torch
-    from treg.sampling import GumbelSampler, hashed_uniform
+    from treg.stages.sampling import GumbelSampler, hashed_uniform
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -3.0])
     rows = 40000
     for top_p, expect in [(1.0, logits.softmax(-1)),

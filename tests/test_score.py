@@ -29,7 +29,7 @@ def string(prompt, response):
 
 def _samples(tmp_path, rows, name="samples"):
     import datasets
-    from treg.meta import save_dataset_atomic
+    from treg.io.meta import save_dataset_atomic
     out = tmp_path / name
     save_dataset_atomic(datasets.Dataset.from_list(rows), out, {"stage": "sample", "fingerprint": name})
     return str(out)
@@ -63,7 +63,7 @@ def test_pairs_ties_margins_and_annotate_readable(tmp_path, rfile):
     meta = json.loads((tmp_path / "pairs" / "treg_meta.json").read_text())
     assert (meta["pairs_kept"], meta["dropped_ties"], meta["dropped_below_margin"]) == (2, 1, 1)
     assert meta["mean_score_chosen"] == 4.5 and meta["stage"] == "score"
-    from treg.chat import read_preference_rows  # what treg annotate reads
+    from treg.io.chat import read_preference_rows  # what treg annotate reads
     got = read_preference_rows(str(tmp_path / "pairs"))
     assert [(g.prompt, g.chosen, g.rejected) for g in got] == [
         ([{"role": "user", "content": "p0"}], "xxxx", "x"), ([{"role": "user", "content": "p3"}], "wwwww", "w")]
@@ -73,7 +73,7 @@ def test_conversational_pairs_use_trl_message_lists(tmp_path, rfile):
     conv = [{"role": "user", "content": "hi"}]
     samples = _samples(tmp_path, [{"prompt": conv, "prompt_id": "0", "responses": ["a", "abc"]}])
     assert _score(samples, tmp_path / "pairs", f"{rfile}:length") == 0
-    from treg.chat import read_preference_rows
+    from treg.io.chat import read_preference_rows
     (row,) = read_preference_rows(str(tmp_path / "pairs"))
     assert row.prompt == conv and row.chosen == "abc" and row.rejected == "a"
 
@@ -127,7 +127,7 @@ def _reward_model(path, num_labels=1, causal=False):
 
 def test_reward_model_batched_equals_direct_and_scores(tmp_path):
     import torch
-    from treg.scoring import RewardModelScorer
+    from treg.stages.scoring import RewardModelScorer
     rm = _reward_model(tmp_path / "rm")
     scorer = RewardModelScorer(rm, batch_size=3, device="cpu")
     prompts = ["Hello there", "What is a fox?", [{"role": "user", "content": "Say hi"}], "x"]

@@ -1,4 +1,4 @@
-"""treg.seqscore: annotate's scoring engine. Both paths (rows; shared contexts through a KV cache) must
+"""treg.method.seqscore: annotate's scoring engine. Both paths (rows; shared contexts through a KV cache) must
 give what one unbatched full-logits forward per sequence gives."""
 
 import random
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from treg import seqscore
-from treg.seqscore import Progress, context_groups, plan_batches, plan_groups, score_sequences
+from treg.method import seqscore
+from treg.method.seqscore import Progress, context_groups, plan_batches, plan_groups, score_sequences
 
 
 def _llama(kv_heads=2, seed=0, max_position_embeddings=256, **extra):
@@ -133,7 +133,7 @@ def test_refused_configurations_are_scored_by_rows():
 
 
 def test_head_fallback_on_the_cached_path_is_exact():
-    """A head treg.logprobs cannot reproduce (an unknown logit transform) makes model_token_logps rerun with
+    """A head treg.method.logprobs cannot reproduce (an unknown logit transform) makes model_token_logps rerun with
     full logits; on the cached path that rerun must not see the tokens the first try appended to the cache."""
     model, seqs = _llama(seed=5), _seqs(5)
     model.lm_head.register_forward_hook(lambda mod, args, out: out * 3.0)

@@ -1,4 +1,4 @@
-"""treg/shards.py: atomic, resumable, multi-process-partitioned sharded output."""
+"""treg/io/shards.py: atomic, resumable, multi-process-partitioned sharded output."""
 import json
 import os
 
@@ -6,8 +6,8 @@ import datasets
 import pytest
 
 from treg.errors import TregError
-from treg.meta import read_meta
-from treg.shards import ShardedWriter
+from treg.io.meta import read_meta
+from treg.io.shards import ShardedWriter
 
 FEATURES = datasets.Features({"i": datasets.Value("int64"), "x": datasets.Sequence(datasets.Value("float32"))})
 

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny import save_tiny_model, tiny_tokenizer  # noqa: E402
 
 from treg.cli import main as cli  # noqa: E402
-from treg.show import render_html, summary, token_pieces, worst_indices  # noqa: E402
+from treg.stages.show import render_html, summary, token_pieces, worst_indices  # noqa: E402
 
 ROWS = [{"prompt": "Hi <b>", "chosen": " Sure, <b>bold</b> & café 🙂", "rejected": "\nNo."},
         {"prompt": "Fox?", "chosen": "The quick brown fox.", "rejected": "The lazy dog dog dog."},
@@ -105,7 +105,7 @@ def test_cli_show(annotated, capsys):
 
 def test_cli_show_user_mistakes_one_line(annotated, tmp_path, capsys):
     """Misspelled flag, another tokenizer, an empty dataset: one line, exit 2 (no usage dump, no traceback)."""
-    from treg.data import write_annotated
+    from treg.io.data import write_annotated
     root, _, ds = annotated
     assert cli(["show", str(root / "ann"), "--indx", "1"]) == 2
     err = capsys.readouterr().err.strip()

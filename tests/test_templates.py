@@ -1,8 +1,8 @@
-"""treg/templates.py: shipped templates, placeholder validation, rendering."""
+"""treg/method/templates.py: shipped templates, placeholder validation, rendering."""
 import pytest
 
 from treg.errors import TregError
-from treg.templates import load_template, parse_template, render
+from treg.method.templates import load_template, parse_template, render
 
 
 def test_shipped_templates_render():

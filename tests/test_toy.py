@@ -92,7 +92,7 @@ def test_auroc_matches_sklearn_with_ties():
 # ------------------------------------------------------------------------------- tokenizer
 def test_tokenizer_round_trip_and_chat_format(tmp_path):
     from transformers import AutoTokenizer
-    from treg.chat import ChatFormat
+    from treg.io.chat import ChatFormat
     tok = build_tokenizer()
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
@@ -115,7 +115,7 @@ def test_tokenizer_round_trip_and_chat_format(tmp_path):
 # ------------------------------------------------------------------------------- checkpoint
 def test_shipped_checkpoint_loads_and_behaves():
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from treg.templates import load_template
+    from treg.method.templates import load_template
     from treg.toy import checkpoint_path, template_path
     from treg.toy.behaviour import behaviour
     path = checkpoint_path()

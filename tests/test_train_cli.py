@@ -1,4 +1,4 @@
-"""Tests for `treg train` (treg/commands/train.py) through the in-process CLI `treg.cli.main`."""
+"""Tests for `treg train` (treg/cli/train.py) through the in-process CLI `treg.cli.main`."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def test_config_mistakes_are_one_line_errors(tmp_path, model_dir, capsys):
 
 def test_help_lists_every_field_with_its_help(capsys):
     import dataclasses
-    from treg.config import TRegConfig
+    from treg.stages.config import TRegConfig
     with pytest.raises(SystemExit) as done:
         main(["train", "--help"])
     assert done.value.code == 0

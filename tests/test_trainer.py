@@ -1,4 +1,4 @@
-"""Tests for treg/trainer.py: TRL parity, accumulation, resume, T-REG metrics, PEFT reference, eval."""
+"""Tests for treg/stages/trainer.py: TRL parity, accumulation, resume, T-REG metrics, PEFT reference, eval."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from test_data import make_pairs  # noqa: E402
 from tiny import tiny_llama, tiny_tokenizer  # noqa: E402
-from treg.config import TRegConfig  # noqa: E402
-from treg.trainer import TRegTrainer  # noqa: E402
+from treg.stages.config import TRegConfig  # noqa: E402
+from treg.stages.trainer import TRegTrainer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_alpha0_reproduces_trl_dpo_trainer(tok, tmp_path):
 def test_gradient_accumulation_equals_big_batch(tok, tmp_path):
     """2 micro-batches of 2 accumulated == 1 batch of 4: same logged losses, logged metrics (including the
     token-pooled ones, whose micro-batches hold different token counts) and final parameters."""
-    from treg.trainer import METRIC_KEYS
+    from treg.stages.trainer import METRIC_KEYS
     big = train(tok, tmp_path / "big", per_device_train_batch_size=4, max_steps=3, alpha=0.25)
     acc = train(tok, tmp_path / "acc", per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
                 alpha=0.25)

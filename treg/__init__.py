@@ -1,6 +1,6 @@
 """treg: preference optimization with token-level reward regularization (T-REG).
 
-The objective lives in :mod:`treg.losses` (pure tensor math, METHOD.md §2-§4).
+The objective lives in :mod:`treg.method.losses` (pure tensor math, METHOD.md §2-§4).
 The data path is ``sample -> score -> annotate -> train -> generate/eval``; each stage is one
 module with a documented data contract (``docs/``) and a thin CLI (``treg <stage> --help``).
 """

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from treg.fsutil import atomic_directory
+from treg.io.fsutil import atomic_directory
 from treg.toy import world
 from treg.toy.tokenizer import build_tokenizer
 

@@ -1,12 +1,12 @@
 """The data stages of the demo on the toy world, through the project's own stage APIs.
 
-``prompts`` -> ``sample_responses`` (treg.sampling.hf_generate, seeded per response) ->
-``make_pairs`` (treg.scoring.make_pair with the toy's *proxy* reward) -> ``annotate_pairs``
-(treg.annotate.annotate with the toy's contrastive template) -> training (treg.demo) ->
+``prompts`` -> ``sample_responses`` (treg.stages.sampling.hf_generate, seeded per response) ->
+``make_pairs`` (treg.stages.scoring.make_pair with the toy's *proxy* reward) -> ``annotate_pairs``
+(treg.stages.annotate.annotate with the toy's contrastive template) -> training (treg.toy.demo) ->
 ``evaluate`` (samples judged by the *exact* verifier).
 
 Data shapes: a prompt is ``{"prompt_id": str, "prompt": [{"role": "user", "content": query}]}``;
-a pair row is TRL's conversational preference format as written by ``treg.scoring.make_pair``.
+a pair row is TRL's conversational preference format as written by ``treg.stages.scoring.make_pair``.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def sample_responses(model, tok, rows: list[dict], *, n: int, seed: int, tempera
                      max_new_tokens: int = 40, batch_size: int = 512) -> list[list[str]]:
     """``n`` responses per prompt row; response j of prompt p uses seed ``row_seed(seed, p, j)``, so
     the draws do not depend on batching and are shared by every policy evaluated with this seed."""
-    from treg.chat import ChatFormat
-    from treg.sampling import hf_generate, row_seed, stop_token_ids
+    from treg.io.chat import ChatFormat
+    from treg.stages.sampling import hf_generate, row_seed, stop_token_ids
     chat = ChatFormat(tok)
     contexts = [chat.context_ids(r["prompt"]) for r in rows for _ in range(n)]
     seeds = [row_seed(seed, r["prompt_id"], j) for r in rows for j in range(n)]
@@ -65,7 +65,7 @@ def sample_responses(model, tok, rows: list[dict], *, n: int, seed: int, tempera
 
 def make_pairs(rows: list[dict], responses: list[list[str]], *, reward_seed: int) -> tuple[list[dict], dict]:
     """Best/worst pairs under the proxy reward (METHOD.md §6); returns (pairs, PairStats dict)."""
-    from treg.scoring import PairStats, make_pair
+    from treg.stages.scoring import PairStats, make_pair
     stats = PairStats()
     pairs = []
     for row, resp in zip(rows, responses):
@@ -79,9 +79,9 @@ def make_pairs(rows: list[dict], responses: list[list[str]], *, reward_seed: int
 
 def annotate_pairs(model, tok, pairs: list[dict], *, source: str = "contrastive", dpo_model=None,
                    beta: float = 0.1):
-    """Token rewards + reference log-probs for ``pairs`` (treg.annotate; the toy template)."""
-    from treg.annotate import annotate
-    from treg.templates import load_template
+    """Token rewards + reference log-probs for ``pairs`` (treg.stages.annotate; the toy template)."""
+    from treg.stages.annotate import annotate
+    from treg.method.templates import load_template
     from treg.toy import template_path
     template = load_template(template_path("instruction")) if source == "contrastive" else "revision"
     return annotate(model, tok, pairs, template=template, source=source, dpo_model=dpo_model, beta=beta,

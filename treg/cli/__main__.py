@@ -1,0 +1,5 @@
+import sys
+
+from treg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""train DPO/SimPO with token-level reward regularization (T-REG) on an annotated dataset.
+
+``treg train --config run.yaml [--alpha 0.25 ...]`` or all options on the command line; every
+TRegConfig field is an option (``treg train --help``). The data is validated against the model's
+tokenizer before anything is written; at the end the model (or LoRA adapter) and tokenizer are
+saved to ``--output_dir`` and one summary line is printed. Multi-GPU / multi-node: run it under
+``accelerate launch -m treg.cli train ...`` (see docs/training.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from treg.errors import TregError
+
+REQUIRED = ("model_name_or_path", "dataset_path", "output_dir")
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    from treg.cli.util import check_local_path
+    check_local_path(path, "model_name_or_path", what="model directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise TregError(f"cannot load a tokenizer ({str(err).splitlines()[0]})", file=path,
+                        field="model_name_or_path") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, dtype: str, attn_implementation: str | None = None):
+    from transformers import AutoModelForCausalLM
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+    except (OSError, ValueError) as err:
+        raise TregError(f"cannot load a causal LM ({str(err).splitlines()[0]})", file=path,
+                        field="model_name_or_path") from None
+
+
+def save_final(trainer, output_dir: str) -> None:
+    """Save model + tokenizer into a temp dir beside the checkpoints, then rename each file into place."""
+    out = Path(output_dir)
+    tmp = out / ".final-tmp"  # same path on every rank (DeepSpeed/FSDP saves are collective)
+    if trainer.is_world_process_zero() and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        for item in tmp.iterdir():
+            dest = out / item.name
+            if dest.is_dir() and item.is_dir():
+                shutil.rmtree(dest)
+            os.replace(item, dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def shutdown() -> None:
+    """Tear down torch.distributed, all ranks together. Call it after dropping every reference to the
+    trainer: the DDP reducer must be freed while its process group still exists, otherwise a worker
+    can hang or abort at exit (seen with gloo on CPU)."""
+    import gc
+
+    import torch.distributed as dist
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv: list[str]) -> int:
+    from treg.stages.config import parse_config
+    config = parse_config(argv, prog="treg train", require=REQUIRED)
+    from treg.io.data import load_annotated, truncate_pairs
+
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    need_rewards = config.alpha > 0
+    train_data = load_annotated(config.dataset_path, tokenizer, need_rewards=need_rewards).dataset
+    eval_data = None
+    if config.eval_dataset_path:
+        eval_data = load_annotated(config.eval_dataset_path, tokenizer, need_rewards=need_rewards).dataset
+    for data in (train_data, eval_data):  # fail on truncation problems before any directory is created
+        if data is not None:
+            truncate_pairs(data.select_columns(["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]),
+                           config.max_length, config.truncation_mode)
+    model = load_model(config.model_name_or_path, config.dtype, config.attn_implementation)
+
+    from treg.stages.trainer import TRegTrainer
+    start = time.time()
+    trainer = TRegTrainer(model, config, train_data, eval_dataset=eval_data, processing_class=tokenizer)
+    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    save_final(trainer, config.output_dir)
+    if trainer.is_world_process_zero():
+        pairs = len(trainer.train_dataset)
+        what = "LoRA adapter" if config.use_peft else "model"
+        print(f"treg train: {config.method}{'-REG' if config.alpha > 0 else ''} alpha={config.alpha:g} "
+              f"{result.global_step} steps on {pairs} pairs ({trainer.dropped_pairs} dropped), "
+              f"mean loss {result.training_loss:.4f}, {time.time() - start:.0f}s; "
+              f"{what} + tokenizer saved to {config.output_dir}")
+    del trainer, model
+    shutdown()
+    return 0

@@ -1,0 +1,1 @@
+"""Data on disk: formats, the dataset contract, shards, atomic writes, stage metadata."""

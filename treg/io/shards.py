@@ -1,0 +1,201 @@
+"""Resumable, atomic, sharded stage output: ``ShardedWriter`` (generic; used by annotate/sample/score).
+
+Layout while running::
+
+    OUT/.shards/settings.json        {"fingerprint", "num_shards", "settings"}  (written first)
+    OUT/.shards/shard-00003.parquet  rows of shard 3, written to a temp file + os.replace
+
+When every shard exists, ``finalize(meta)`` concatenates the shards in index order into one
+``datasets`` directory + ``treg_meta.json`` (``meta`` plus ``fingerprint``), built in a sibling temp
+dir and swapped into ``OUT`` by renames (a crash in between is repaired on the next start), and the
+shard files go away with the old ``OUT``.
+
+Contract for callers:
+
+* ``settings`` must capture everything that decides the output (inputs' hash, model, options,
+  shard size); its ``stable_hash`` is the ``fingerprint``. Rerunning with the same settings resumes
+  (``done_shards()`` are skipped); with different settings it is refused unless ``overwrite``.
+* Shard ``i`` must always contain the same rows for the same settings, so that a resumed or
+  multi-process run produces exactly the same dataset as an uninterrupted one-process run.
+* Multi-process: process ``rank`` of ``world_size`` handles shards with ``i % world_size == rank``
+  (``pending_shards()``). ``barrier`` (e.g. ``accelerator.wait_for_everyone``) is called after
+  rank 0 prepares the directory and in ``finalize`` before rank 0 merges.
+* If ``complete`` is true after construction, the final dataset with this fingerprint is already
+  there: nothing to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from treg.errors import TregError
+from treg.io.fsutil import atomic_directory, atomic_file, atomic_write_text
+from treg.io.meta import META_FILE, stable_hash, write_meta
+
+SHARD_DIR = ".shards"
+SETTINGS_FILE = "settings.json"
+_SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
+
+
+class ShardedWriter:
+    """Rows -> ``OUT/.shards/shard-%05d.parquet`` (atomic), then ``finalize`` -> a Dataset dir."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, settings: dict, num_shards: int,
+                 features=None, overwrite: bool = False, rank: int = 0, world_size: int = 1,
+                 barrier: Callable[[], None] | None = None):
+        """``features``: optional ``datasets.Features`` fixing the schema of every shard."""
+        if num_shards < 1:
+            raise TregError("nothing to write (0 rows)", file=str(out_dir))
+        self.out = Path(out_dir)
+        self.shard_dir = self.out / SHARD_DIR
+        self.settings = settings
+        self.fingerprint = stable_hash(settings)
+        self.num_shards = num_shards
+        self.features = features
+        self.rank, self.world_size = rank, world_size
+        self._barrier = barrier or (lambda: None)
+        if rank == 0:
+            self._prepare(overwrite)
+        self._barrier()
+        self.complete = self._final_fingerprint() == self.fingerprint
+        if not self.complete and rank != 0:
+            self._check_settings()
+
+    # ------------------------------------------------------------------------------ preparation
+    def _siblings(self, kind: str) -> list[Path]:
+        return sorted(self.out.parent.glob(f".{self.out.name}.{kind}-*"))
+
+    def _final_fingerprint(self) -> str | None:
+        meta = self.out / META_FILE
+        if not meta.exists():
+            return None
+        try:
+            return json.loads(meta.read_text()).get("fingerprint")
+        except (json.JSONDecodeError, OSError):
+            return None
+
+    def _shard_settings(self) -> dict | None:
+        path = self.shard_dir / SETTINGS_FILE
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def _refuse(self, what: str):
+        raise TregError(f"{what} with different settings; pass --overwrite to replace it, or choose "
+                        "another output", file=str(self.out))
+
+    def _prepare(self, overwrite: bool) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        old = self._siblings("old")
+        if not self.out.exists() and old:  # a crash between the two renames of finalize
+            os.replace(old[-1], self.out)
+        for leftover in self._siblings("tmp") + self._siblings("old"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise TregError("output exists and is not a directory", file=str(self.out))
+        if self.out.exists():
+            final_fp = self._final_fingerprint()
+            shard_settings = self._shard_settings()
+            if final_fp is not None:
+                if final_fp == self.fingerprint and not overwrite:
+                    return  # complete already
+                if not overwrite:
+                    self._refuse("the output holds a finished dataset made")
+                shutil.rmtree(self.out)
+            elif shard_settings is not None:
+                if shard_settings.get("fingerprint") != self.fingerprint:
+                    if not overwrite:
+                        self._refuse("the output holds an unfinished run")
+                    shutil.rmtree(self.out)
+                elif overwrite:
+                    shutil.rmtree(self.out)
+            elif any(self.out.iterdir()):
+                if not overwrite:
+                    raise TregError("output directory is not empty and was not written by treg; pass "
+                                    "--overwrite to replace it", file=str(self.out))
+                shutil.rmtree(self.out)
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in self.shard_dir.glob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
+        if self._shard_settings() is None:
+            atomic_write_text(self.shard_dir / SETTINGS_FILE, json.dumps(
+                {"fingerprint": self.fingerprint, "num_shards": self.num_shards,
+                 "settings": self.settings}, indent=2, sort_keys=True, default=str))
+
+    def _check_settings(self) -> None:
+        found = self._shard_settings()
+        if found is None or found.get("fingerprint") != self.fingerprint:
+            raise RuntimeError(f"{self.shard_dir}: settings differ between processes "
+                               "(were all processes given the same arguments?)")
+
+    # ----------------------------------------------------------------------------------- shards
+    def shard_path(self, i: int) -> Path:
+        return self.shard_dir / f"shard-{i:05d}.parquet"
+
+    def done_shards(self) -> set[int]:
+        """Indices of shards already written (complete files only)."""
+        if not self.shard_dir.exists():
+            return set()
+        found = (_SHARD_RE.match(p.name) for p in self.shard_dir.iterdir())
+        return {int(m.group(1)) for m in found if m and int(m.group(1)) < self.num_shards}
+
+    def pending_shards(self) -> list[int]:
+        """This process's shards (``i % world_size == rank``) that are not written yet, in order."""
+        if self.complete:
+            return []
+        done = self.done_shards()
+        return [i for i in range(self.rank, self.num_shards, self.world_size) if i not in done]
+
+    def write(self, i: int, rows: list[dict]) -> None:
+        """Write shard ``i`` atomically (temp file in the shard dir + os.replace)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        if not 0 <= i < self.num_shards:
+            raise IndexError(f"shard {i} out of range 0..{self.num_shards - 1}")
+        schema = self.features.arrow_schema if self.features is not None else None
+        table = pa.Table.from_pylist(rows, schema=schema)
+        with atomic_file(self.shard_path(i)) as tmp:
+            pq.write_table(table, tmp)
+
+    # --------------------------------------------------------------------------------- finalize
+    def finalize(self, meta: dict | Callable[[object], dict]) -> Path:
+        """Barrier, then rank 0 merges all shards into ``OUT`` (datasets dir + treg_meta.json).
+
+        ``meta``: a dict, or a function of the merged ``datasets.Dataset`` returning one (for counts
+        and length statistics). ``fingerprint`` is added. Returns ``OUT`` on every rank.
+        """
+        self._barrier()
+        if self.rank == 0 and not self.complete:
+            missing = sorted(set(range(self.num_shards)) - self.done_shards())
+            if missing:
+                raise RuntimeError(f"{self.shard_dir}: shards {missing[:5]} missing at finalize")
+            self._merge(meta)
+        self._barrier()
+        self.complete = True
+        return self.out
+
+    def load_shards(self):
+        """All shards concatenated in index order as a ``datasets.Dataset`` (in memory)."""
+        import datasets
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from datasets.table import InMemoryTable
+        tables = [pq.read_table(self.shard_path(i)) for i in range(self.num_shards)]
+        table = pa.concat_tables(tables)
+        features = self.features or datasets.Features.from_arrow_schema(table.schema)
+        return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features))
+
+    def _merge(self, meta) -> None:
+        dataset = self.load_shards()
+        meta = {**(meta(dataset) if callable(meta) else meta), "fingerprint": self.fingerprint}
+        with atomic_directory(self.out) as tmp:  # a crash between its two renames is repaired by _prepare
+            dataset.save_to_disk(str(tmp))
+            write_meta(tmp, meta)

@@ -1,0 +1,170 @@
+"""``TRegConfig``: ``transformers.TrainingArguments`` + the T-REG method fields (docs/training.md).
+
+Names shared with TRL 1.16 ``DPOConfig`` mean the same thing there and here: ``beta``,
+``max_length`` (default 1024), ``truncation_mode`` (``keep_start`` default | ``keep_end``),
+``precompute_ref_log_probs``, ``precompute_ref_batch_size``, ``disable_dropout``,
+``learning_rate`` (default 1e-6) and ``logging_steps`` (default 10). Differences from DPOConfig:
+``precompute_ref_log_probs`` defaults to True (the reference is never held in memory), and
+``bf16`` / ``activation_checkpointing`` (alias ``gradient_checkpointing``) keep the TrainingArguments
+defaults (off) so that a CPU run
+works out of the box. ``remove_unused_columns`` defaults to False (the collator needs every column).
+
+:func:`parse_config` reads a YAML file and applies command-line overrides on top of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from treg.errors import TregError
+
+METHODS = ("dpo", "simpo")
+WEIGHTINGS = ("sequence", "static")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _f(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TRegConfig(TrainingArguments):
+    """TrainingArguments plus the method, data, reference, PEFT and model-loading fields."""
+
+    # -- overridden TrainingArguments defaults (see module docstring)
+    learning_rate: float = _f(1e-6, "Initial AdamW learning rate (DPOConfig default 1e-6).")
+    logging_steps: float = _f(10, "Log every X update steps (int, or a float in [0, 1) = ratio of all steps).")
+    remove_unused_columns: bool = _f(False, "Keep False: the pair collator needs every dataset column.")
+
+    # -- model and data
+    model_name_or_path: str | None = _f(None, "Policy model to train (local directory or hub id); the "
+                                              "reference is this model before training.")
+    dtype: str = _f("auto", "dtype the model weights are loaded in (mixed precision is bf16/fp16).",
+                    choices=list(DTYPES))
+    attn_implementation: str | None = _f(None, "Attention kernel passed to from_pretrained (e.g. eager, sdpa, "
+                                               "flash_attention_2; default: transformers' choice). SimPO trains "
+                                               "Gemma-2 with eager.")
+    dataset_path: str | None = _f(None, "Annotated training dataset directory (written by 'treg annotate').")
+    eval_dataset_path: str | None = _f(None, "Annotated evaluation dataset directory (optional).")
+    max_length: int | None = _f(1024, "Max tokens of prompt + response per sequence; longer ones are cut "
+                                      "as in TRL DPOConfig (see truncation_mode). None: no truncation.")
+    truncation_mode: str = _f("keep_start", "keep_start: keep the first max_length tokens (pairs whose prompt "
+                                            "fills max_length are dropped); keep_end: keep the last ones.",
+                              choices=["keep_start", "keep_end"])
+    pad_to_multiple_of: int | None = _f(None, "Pad batch length to a multiple of this (e.g. 8 on tensor cores).")
+
+    # -- the method (METHOD.md §3-§5)
+    method: str = _f("dpo", "Pairwise loss: dpo (with reference) or simpo (reference-free, length-normalised).",
+                     choices=list(METHODS))
+    beta: float = _f(0.1, "beta: scale of the implicit reward (DPO 0.1 typical; SimPO uses e.g. 2-10).")
+    gamma: float = _f(0.0, "SimPO target margin gamma (absolute, not gamma/beta); ignored for dpo.")
+    alpha: float = _f(0.25, "Weight of the token-level regularizer L_REG (0 = plain DPO/SimPO; the paper "
+                            "searches 0.1, 0.25, 0.5).")
+    weighting: str = _f("sequence", "sequence: w = stopgrad(sigmoid(-z)) per pair (the paper); static: w = 1.",
+                        choices=list(WEIGHTINGS))
+
+    # -- reference log-probs
+    precompute_ref_log_probs: bool = _f(True, "Compute reference log-probs once before training (when the data "
+                                              "lacks them) so only the policy is held in memory. False: score "
+                                              "the reference every step (PEFT: adapters off; else a frozen copy).")
+    precompute_ref_batch_size: int | None = _f(None, "Batch size of the reference pass (default: "
+                                                     "per_device_eval_batch_size).")
+    logprob_chunk_size: int = _f(512, "Token rows per output-head chunk for log-probs, so the (B, T, V) float32 "
+                                      "logits are never built whole; 0 = the model's full logits (faster on a GPU "
+                                      "when memory allows, see docs/benchmarks.md).")
+    disable_dropout: bool = _f(True, "Turn dropout off in the policy (as TRL DPOConfig does).")
+
+    # -- PEFT / LoRA
+    use_peft: bool = _f(False, "Train a LoRA adapter instead of all weights (needs 'peft').")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA scaling alpha.")
+    lora_dropout: float = _f(0.0, "LoRA dropout (forced to 0 when disable_dropout is set).")
+    lora_target_modules: list[str] | None = _f(None, "Module names to adapt (default: all linear layers "
+                                                     "except the LM head).")
+
+    def __post_init__(self):
+        checks = [
+            (self.method in METHODS, "method", f"unknown method '{self.method}' (choose {', '.join(METHODS)})"),
+            (self.weighting in WEIGHTINGS, "weighting",
+             f"unknown weighting '{self.weighting}' (choose {', '.join(WEIGHTINGS)})"),
+            (self.dtype in DTYPES, "dtype", f"unknown dtype '{self.dtype}' (choose {', '.join(DTYPES)})"),
+            (self.truncation_mode in ("keep_start", "keep_end"), "truncation_mode",
+             f"unknown truncation_mode '{self.truncation_mode}' (choose keep_start, keep_end)"),
+            (self.alpha >= 0, "alpha", f"alpha must be >= 0, got {self.alpha}"),
+            (self.beta > 0, "beta", f"beta must be > 0, got {self.beta}"),
+            (self.gamma >= 0, "gamma", f"gamma must be >= 0, got {self.gamma}"),
+            (self.max_length is None or self.max_length >= 2, "max_length",
+             f"max_length must be >= 2, got {self.max_length}"),
+            (self.logprob_chunk_size >= 0, "logprob_chunk_size", "logprob_chunk_size must be >= 0 (0 = full logits)"),
+            (self.lora_r >= 1, "lora_r", "lora_r must be >= 1"),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise TregError(message, field=name)
+        if self.lora_target_modules is None and self.use_peft:
+            self.lora_target_modules = ["all-linear"]
+        super().__post_init__()
+
+
+class _Parser(HfArgumentParser):
+    """An HfArgumentParser whose errors are TregErrors (one line, exit 2) instead of usage dumps."""
+
+    def error(self, message):
+        raise TregError(message)
+
+
+def config_parser(prog: str = "treg train") -> HfArgumentParser:
+    """The parser behind ``treg train``: every TRegConfig field as ``--name`` with its help text."""
+    parser = _Parser(TRegConfig, prog=prog, description="Train DPO/SimPO with token-level reward "
+                     "regularization (T-REG). Options come from --config YAML, then the command line.")
+    parser.add_argument("--config", default=None, help="YAML file of TRegConfig fields; command-line "
+                        "options override it.")
+    return parser
+
+
+def parse_config(argv: list[str], prog: str = "treg train", require: tuple[str, ...] = ()) -> TRegConfig:
+    """``--config run.yaml`` (optional) then ``--field value`` overrides -> a validated TRegConfig.
+
+    Unknown YAML keys, unreadable YAML and invalid values raise :class:`TregError` naming the
+    file and key; so does a field of ``require`` given neither in the YAML nor on the command line.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    parser = config_parser(prog)
+    from_yaml = load_yaml(known.config) if known.config else {}
+    given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    for name in require:
+        if name not in given and from_yaml.get(name) is None and "-h" not in argv and "--help" not in argv:
+            raise TregError(f"--{name} is required (on the command line or in the --config YAML)", field=name)
+    parser.set_defaults(**from_yaml)
+    try:
+        parsed = parser.parse_args_into_dataclasses(argv, look_for_args_file=False, return_remaining_strings=True)
+        config, unknown = parsed[0], parsed[-1]  # (TRegConfig, [namespace of --config], remaining strings)
+    except TregError as err:  # argparse: "argument --alpha: invalid float value: 'abc'"
+        match = re.match(r"argument --([\w-]+)", err.bare_message)
+        name = match.group(1).replace("-", "_") if match else None
+        if name in from_yaml and not any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv):
+            raise TregError(err.bare_message.split(": ", 1)[-1], file=known.config, field=name) from None
+        raise
+    except (ValueError, TypeError) as err:  # TrainingArguments.__post_init__ (YAML or command line)
+        raise TregError(str(err).splitlines()[0], file=known.config) from None
+    if unknown:
+        raise TregError(f"unknown option(s) {' '.join(unknown)} (see '{prog} --help')")
+    return config
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML mapping of TRegConfig fields; TregError on a missing file, bad YAML or unknown key."""
+    from treg.cli.util import read_yaml_mapping
+    data = read_yaml_mapping(path)
+    names = {f.name for f in dataclasses.fields(TRegConfig) if f.init}
+    for key in data:
+        if key not in names:
+            raise TregError("unknown option (see 'treg train --help')", file=path, field=str(key))
+    return data
