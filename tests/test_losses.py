@@ -20,7 +20,7 @@ def _dpo_pair():
     return dict(
         chosen_logps=torch.tensor([[-1.0, -2.0]]), rejected_logps=torch.tensor([[-3.0, NAN, -1.0]]),
         chosen_mask=torch.tensor([[T, T]]), rejected_mask=torch.tensor([[T, F, T]]),
-        chosen_rewards=torch.tensor([[0.25, -0.5]]), rejected_rewards=torch.tensor([[0.1, NAN, -0.2]]),
+        chosen_token_rewards=torch.tensor([[0.25, -0.5]]), rejected_token_rewards=torch.tensor([[0.1, NAN, -0.2]]),
         ref_chosen_logps=torch.tensor([-4.0]), ref_rejected_logps=torch.tensor([-3.0]))
 
 
@@ -82,16 +82,16 @@ def test_simpo_hand_values(alpha, weighting, expected):
     del args["ref_chosen_logps"], args["ref_rejected_logps"]
     out = treg_loss(**args, method="simpo", beta=2.0, gamma=0.5, alpha=alpha, weighting=weighting)
     assert out.loss.item() == pytest.approx(expected, abs=1e-6)
-    assert out.chosen_rewards.tolist() == pytest.approx([-3.0], abs=1e-6)
-    assert out.rejected_rewards.tolist() == pytest.approx([-4.0], abs=1e-6)
+    assert out.chosen_seq_rewards.tolist() == pytest.approx([-3.0], abs=1e-6)
+    assert out.rejected_seq_rewards.tolist() == pytest.approx([-4.0], abs=1e-6)
 
 
 def test_dpo_sft_ablation_by_data():
     """DPO-SFT (METHOD.md §5): r_hat=+0.5 on chosen, 0 on rejected, static w. beta=0.5, alpha=0.5, z=1:
     L_REG(y_w) = -0.5*0.5*(-1-2) = 0.75, L_REG(y_l) = 0 -> loss = 0.313261687518 + 0.5*0.75 = 0.688261687518."""
     args = _dpo_pair()
-    args["chosen_rewards"] = torch.full((1, 2), 0.5)
-    args["rejected_rewards"] = torch.zeros(1, 3)
+    args["chosen_token_rewards"] = torch.full((1, 2), 0.5)
+    args["rejected_token_rewards"] = torch.zeros(1, 3)
     out = treg_loss(**args, beta=0.5, alpha=0.5, weighting="static")
     assert out.loss.item() == pytest.approx(0.688261687518, abs=1e-6)
 
@@ -104,7 +104,7 @@ def _random_batch(seed=0, B=3, Tw=5, Tl=4):
     return dict(
         chosen_logps=-torch.rand(B, Tw, generator=g) * 3, rejected_logps=-torch.rand(B, Tl, generator=g) * 3,
         chosen_mask=cm, rejected_mask=rm,
-        chosen_rewards=torch.rand(B, Tw, generator=g) - 0.5, rejected_rewards=torch.rand(B, Tl, generator=g) - 0.5,
+        chosen_token_rewards=torch.rand(B, Tw, generator=g) - 0.5, rejected_token_rewards=torch.rand(B, Tl, generator=g) - 0.5,
         ref_chosen_logps=-torch.rand(B, generator=g) * 6, ref_rejected_logps=-torch.rand(B, generator=g) * 6)
 
 
@@ -116,7 +116,7 @@ def test_gradient_matches_closed_form(method):
     b = _random_batch()
     lw = b["chosen_logps"].clone().requires_grad_()
     ll = b["rejected_logps"].clone().requires_grad_()
-    out = treg_loss(lw, ll, b["chosen_mask"], b["rejected_mask"], b["chosen_rewards"], b["rejected_rewards"],
+    out = treg_loss(lw, ll, b["chosen_mask"], b["rejected_mask"], b["chosen_token_rewards"], b["rejected_token_rewards"],
                     b["ref_chosen_logps"], b["ref_rejected_logps"], method=method, beta=beta, alpha=alpha,
                     gamma=gamma)
     out.loss.backward()
@@ -125,10 +125,10 @@ def test_gradient_matches_closed_form(method):
     c_w = beta / cm.sum(1, keepdim=True) if method == "simpo" else torch.full((B, 1), beta)
     c_l = beta / rm.sum(1, keepdim=True) if method == "simpo" else torch.full((B, 1), beta)
     s = out.seq_weight[:, None]  # sigmoid(-z), checked against z below
-    z = (out.chosen_rewards - out.rejected_rewards - gamma)
+    z = (out.chosen_seq_rewards - out.rejected_seq_rewards - gamma)
     assert torch.allclose(out.seq_weight, torch.sigmoid(-z), atol=1e-6)
-    exp_w = torch.where(cm, (-c_w * s - alpha * s * c_w * b["chosen_rewards"]) / B, 0.0)
-    exp_l = torch.where(rm, (c_l * s - alpha * s * c_l * b["rejected_rewards"]) / B, 0.0)
+    exp_w = torch.where(cm, (-c_w * s - alpha * s * c_w * b["chosen_token_rewards"]) / B, 0.0)
+    exp_l = torch.where(rm, (c_l * s - alpha * s * c_l * b["rejected_token_rewards"]) / B, 0.0)
     assert torch.allclose(lw.grad, exp_w, atol=1e-6)
     assert torch.allclose(ll.grad, exp_l, atol=1e-6)
 
@@ -144,8 +144,8 @@ def test_seq_weight_carries_no_gradient():
                     - (torch.where(rm, ll, 0).sum(1) - b["ref_rejected_logps"]))
         w = torch.sigmoid(-z)
         w = w.detach() if detach else w
-        reg = (-beta * torch.where(cm, b["chosen_rewards"] * lw, 0).sum(1)
-               - beta * torch.where(rm, b["rejected_rewards"] * ll, 0).sum(1))
+        reg = (-beta * torch.where(cm, b["chosen_token_rewards"] * lw, 0).sum(1)
+               - beta * torch.where(rm, b["rejected_token_rewards"] * ll, 0).sum(1))
         return (-torch.nn.functional.logsigmoid(z) + alpha * w * reg).mean()
 
     grads = {}
@@ -153,7 +153,7 @@ def test_seq_weight_carries_no_gradient():
         lw = b["chosen_logps"].clone().requires_grad_()
         ll = b["rejected_logps"].clone().requires_grad_()
         if name == "treg":
-            loss = treg_loss(lw, ll, cm, rm, b["chosen_rewards"], b["rejected_rewards"], b["ref_chosen_logps"],
+            loss = treg_loss(lw, ll, cm, rm, b["chosen_token_rewards"], b["rejected_token_rewards"], b["ref_chosen_logps"],
                              b["ref_rejected_logps"], beta=beta, alpha=alpha).loss
         else:
             loss = manual(lw, ll, detach=name == "detached")
@@ -167,7 +167,7 @@ def test_credit_agreement():
     """chosen: logp-ref = [+1, -1], r_hat = [0.25, -0.5] -> 2 agree; rejected: logp-ref = [-1, ., +1],
     r_hat = [0.1, ., 0] -> token 1 disagrees, token 3 excluded (r_hat == 0). Share = 2/3."""
     args = _dpo_pair()
-    args["rejected_rewards"] = torch.tensor([[0.1, NAN, 0.0]])
+    args["rejected_token_rewards"] = torch.tensor([[0.1, NAN, 0.0]])
     out = treg_loss(**args, alpha=0.1, ref_chosen_token_logps=torch.tensor([[-2.0, -1.0]]),
                     ref_rejected_token_logps=torch.tensor([[-2.0, NAN, -2.0]]))
     assert out.metrics["treg/credit_agreement"] == pytest.approx(2 / 3, abs=1e-6)
@@ -182,7 +182,9 @@ def test_bf16_inputs_are_upcast_and_registry_extension():
     assert out.loss.dtype == torch.float32
     assert out.loss.item() == pytest.approx(ref.loss.item(), abs=0.05)
     # A new -log sigmoid(z) loss is one registry entry (docs/losses.md): length-normalised DPO.
-    PREFERENCE_LOSSES["dpo_norm_test"] = PairwiseLoss(token_scale=lambda n, beta: beta / n, needs_ref=True)
+    dpo = PREFERENCE_LOSSES["dpo"]
+    PREFERENCE_LOSSES["dpo_norm_test"] = PairwiseLoss(doc="test", token_scale=lambda n, beta: beta / n, needs_ref=True,
+                                                      link=dpo.link, link_weight=dpo.link_weight)
     try:
         out = treg_loss(**b, method="dpo_norm_test", beta=1.0)
         n_w, n_l = b["chosen_mask"].sum(1), b["rejected_mask"].sum(1)
@@ -194,7 +196,13 @@ def test_bf16_inputs_are_upcast_and_registry_extension():
 
 
 # ---------------------------------------------------------------- TRL 1.16 oracles (the real TRL code)
-def test_dpo_equals_trl_sigmoid_loss():
+TRL_DPO_TRAINER_LOSSES = [name for name, spec in PREFERENCE_LOSSES.items() if spec.trl_loss_type in
+                          ("sigmoid", "ipo", "hinge")]
+
+
+@pytest.mark.parametrize("method", TRL_DPO_TRAINER_LOSSES)
+def test_equals_trl_dpo_trainer_loss(method):
+    """Every registry entry backed by TRL's DPOTrainer (sigmoid = DPO, ipo, hinge) equals TRL 1.16's loss."""
     from trl.trainer.dpo_trainer import DPOTrainer
     B, L, beta = 3, 7, 0.2
     g = torch.Generator().manual_seed(3)
@@ -209,19 +217,40 @@ def test_dpo_equals_trl_sigmoid_loss():
     acc = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
     stub = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=acc, aux_loss_enabled=False,
                            precompute_ref_logps=True, ld_alpha=None, f_divergence_type="reverse_kl",
-                           loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, use_weighting=False,
-                           label_smoothing=0.0, _metrics=defaultdict(lambda: defaultdict(list)),
+                           loss_types=[PREFERENCE_LOSSES[method].trl_loss_type], loss_weights=[1.0], beta=beta,
+                           use_weighting=False, label_smoothing=0.0, _metrics=defaultdict(lambda: defaultdict(list)),
                            _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": torch.ones(2 * B, L, dtype=torch.long), "attention_mask": torch.ones(2 * B, L),
               "completion_mask": completion_mask, "ref_chosen_logps": ref[:B], "ref_rejected_logps": ref[B:]}
     trl_loss = DPOTrainer._compute_loss(stub, lambda **kw: outputs, inputs, return_outputs=False)
     garbage = torch.where(shift_mask, token_logps, torch.full_like(token_logps, NAN))
     out = treg_loss(garbage[:B], garbage[B:], shift_mask[:B], shift_mask[B:],
-                    ref_chosen_logps=ref[:B], ref_rejected_logps=ref[B:], method="dpo", beta=beta)
-    assert out.loss.item() == pytest.approx(trl_loss.item(), abs=1e-6)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected"):
-        assert out.metrics[key] == pytest.approx(stub._metrics["train"][key][0], abs=1e-5), key
+                    ref_chosen_logps=ref[:B], ref_rejected_logps=ref[B:], method=method, beta=beta)
+    assert out.loss.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)
+    if method == "dpo":  # TRL logs DPO's implicit rewards; IPO/hinge log the same beta*(logp-ref) sums
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                    "logps/chosen", "logps/rejected"):
+            assert out.metrics[key] == pytest.approx(stub._metrics["train"][key][0], abs=1e-5), key
+
+
+@pytest.mark.parametrize("method", sorted(PREFERENCE_LOSSES))
+def test_sequence_weight_is_minus_link_derivative(method):
+    """The 'sequence' weighting is -d link/dz (METHOD.md §4), clipped at 0, for every registry entry."""
+    spec, beta = PREFERENCE_LOSSES[method], 0.7
+    z = torch.linspace(-3, 3, 25, dtype=torch.float64).requires_grad_()
+    spec.link(z, beta).sum().backward()
+    assert torch.allclose(spec.link_weight(z.detach(), beta), torch.clamp(-z.grad, min=0), atol=1e-9)
+
+
+def test_ipo_hand_value():
+    """IPO: one pair, |y_w| = 2, |y_l| = 3, beta = 0.5; h = mean(logp_w - ref_w) - mean(logp_l - ref_l)
+    = (-3 + 4)/2 - (-3 + 3)/3 = 0.5; loss = (h - 1/(2 beta))^2 = (0.5 - 1)^2 = 0.25."""
+    out = treg_loss(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.0, -1.0, -1.0]]), torch.ones(1, 2, dtype=torch.bool),
+                    torch.ones(1, 3, dtype=torch.bool), ref_chosen_logps=torch.tensor([-4.0]),
+                    ref_rejected_logps=torch.tensor([-3.0]), method="ipo", beta=0.5)
+    assert out.loss.item() == pytest.approx(0.25, abs=1e-6)
+    assert out.chosen_seq_rewards.item() == pytest.approx(0.25, abs=1e-6)  # beta/|y| * (logp - ref)
+    assert out.seq_weight.item() == pytest.approx((1 - 2 * 0.25) / 0.25, abs=1e-6)  # z = beta*h = 0.25
 
 
 def test_simpo_equals_trl_cpo_simpo_loss():
@@ -242,8 +271,8 @@ def test_simpo_equals_trl_cpo_simpo_loss():
     out = treg_loss(tok[:B], tok[B:], mask[:B], mask[B:], method="simpo", beta=beta, gamma=gamma)
     assert out.loss.item() == pytest.approx(trl_loss.item(), abs=1e-6)
     assert torch.allclose(out.per_example, trl_losses, atol=1e-6)
-    assert torch.allclose(out.chosen_rewards, trl_cw, atol=1e-5)
-    assert torch.allclose(out.rejected_rewards, trl_rw, atol=1e-5)
+    assert torch.allclose(out.chosen_seq_rewards, trl_cw, atol=1e-5)
+    assert torch.allclose(out.rejected_seq_rewards, trl_rw, atol=1e-5)
 
 
 # ---------------------------------------------------------------- errors
@@ -266,15 +295,15 @@ def _err_cases():
         ({}, drop("ref_chosen_logps"), "ref_chosen_logps"),
         ({}, put("ref_rejected_logps", torch.zeros(1, 1)), "ref_rejected_logps"),
         ({}, nan_at("ref_chosen_logps", 0), "ref_chosen_logps"),
-        ({"alpha": 0.5}, drop("rejected_rewards"), "rejected_rewards"),
-        ({}, put("chosen_rewards", torch.zeros(1, 3)), "chosen_rewards"),
+        ({"alpha": 0.5}, drop("rejected_token_rewards"), "rejected_token_rewards"),
+        ({}, put("chosen_token_rewards", torch.zeros(1, 3)), "chosen_token_rewards"),
         ({}, put("chosen_logps", torch.zeros(1, 3)), "chosen_logps"),
         ({}, put("rejected_mask", torch.ones(2, 3, dtype=torch.bool)), "rejected_mask"),
         ({}, put("chosen_mask", torch.tensor([[F, F]])), "chosen_mask"),
         ({}, put("chosen_mask", torch.tensor([[0.5, 1.0]])), "chosen_mask"),
         ({}, nan_at("chosen_logps", (0, 1)), "chosen_logps"),
         ({}, put("rejected_logps", torch.tensor([[-1.0, NAN, float("inf")]])), "rejected_logps"),
-        ({}, nan_at("chosen_rewards", (0, 0)), "chosen_rewards"),
+        ({}, nan_at("chosen_token_rewards", (0, 0)), "chosen_token_rewards"),
         ({"ref_chosen_token_logps": torch.zeros(1, 5), "ref_rejected_token_logps": torch.zeros(1, 3)}, None,
          "ref_chosen_token_logps"),
     ]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from treg.cli.util import OneLineParser, check_device, check_local_path, process_state
+from treg.cli.util import OneLineParser, check_device, process_state
 from treg.errors import TregError
-
-DTYPES = ("float32", "bfloat16", "float16")
+from treg.io.loading import DTYPES
+from treg.method.token_rewards import TOKEN_REWARD_SOURCES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,12 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output directory (datasets dir + treg_meta.json)")
     p.add_argument("--template", default="revision",
                    help="contrastive template: 'revision' (default), 'instruction' or a YAML file")
-    p.add_argument("--source", default="contrastive", choices=("contrastive", "dpo", "sft-chosen"),
-                   help="where token rewards come from: contrastive prompting (default), a DPO model's "
-                        "implicit rewards (--dpo-model), or +0.5 on chosen tokens (ablation)")
-    p.add_argument("--dpo-model", default=None, help="DPO-trained model for --source dpo (same tokenizer)")
-    p.add_argument("--beta", type=float, default=0.1,
-                   help="beta of the DPO implicit reward for --source dpo (default 0.1)")
+    p.add_argument("--source", default="contrastive", choices=list(TOKEN_REWARD_SOURCES),
+                   help="where token rewards come from (default contrastive): " + "; ".join(
+                       f"{name}: {src.doc}" for name, src in TOKEN_REWARD_SOURCES.items()))
+    with_dpo = ", ".join(n for n, src in TOKEN_REWARD_SOURCES.items() if src.needs_dpo_model)
+    p.add_argument("--dpo-model", default=None, help=f"DPO-trained model for --source {with_dpo} (same tokenizer)")
+    p.add_argument("--beta", type=float, default=0.1, help="beta of the DPO implicit reward for --source " + ", ".join(
+        n for n, src in TOKEN_REWARD_SOURCES.items() if src.uses_beta) + " (default 0.1)")
     p.add_argument("--max-length", type=int, default=None,
                    help="skip pairs whose longest scored sequence (context + response) exceeds this many "
                         "tokens (default: keep all)")
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "16384 on GPU: big batches are slower on CPU)")
     p.add_argument("--shard-size", type=int, default=256,
                    help="pairs per output shard (the unit of resume and of multi-process work; default 256)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights dtype (default float32)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="model weights dtype; auto: bfloat16 on a GPU that supports it, else float32")
     p.add_argument("--device", default=None,
                    help="torch device (default: the accelerate process device, cuda if available)")
     p.add_argument("--overwrite", action="store_true",
@@ -50,30 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_model(name: str, dtype: str, device, what: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-    check_local_path(name, what, what="model directory")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as err:
-        raise TregError(f"could not load model: {str(err).splitlines()[0]}", file=name, field=what) from None
-    return model.to(device).eval()
-
-
-def _load_tokenizer(name: str, what: str):
-    from transformers import AutoTokenizer
-    check_local_path(name, what, what="model directory")
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise TregError(f"could not load tokenizer: {str(err).splitlines()[0]}", file=name, field=what) from None
-
-
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from treg.stages.annotate import annotate_to_disk, default_batch_tokens, make_config
     from treg.io.chat import ChatFormat, read_preference_rows
+    from treg.io.loading import load_causal_lm, load_tokenizer, resolve_dtype
 
     if args.no_progress:
         import datasets
@@ -89,10 +72,10 @@ def main(argv: list[str]) -> int:
                       batch_tokens=batch_tokens, use_chat_template=not args.no_chat_template,
                       dpo_model=args.dpo_model)
     rows = read_preference_rows(args.dataset, split=args.split)  # all input errors before any model load
-    tokenizer = _load_tokenizer(args.model, "model")
+    tokenizer = load_tokenizer(args.model, field="model")
     ChatFormat(tokenizer, use_chat_template=cfg.use_chat_template, file=args.model)  # template check
     if args.dpo_model is not None:
-        other = _load_tokenizer(args.dpo_model, "dpo-model")
+        other = load_tokenizer(args.dpo_model, field="dpo-model")
         if other.get_vocab() != tokenizer.get_vocab():
             raise TregError("the DPO model's tokenizer differs from the reference model's", file=args.dpo_model,
                             field="dpo-model")
@@ -101,11 +84,12 @@ def main(argv: list[str]) -> int:
         if args.no_progress:
             from transformers.utils import logging as hf_logging
             hf_logging.disable_progress_bar()
-        model = _load_model(args.model, args.dtype, device, "model")
-        dpo = _load_model(args.dpo_model, args.dtype, device, "dpo-model") if args.dpo_model else None
+        model = load_causal_lm(args.model, dtype=dtype, device=device, field="model")
+        dpo = load_causal_lm(args.dpo_model, dtype=dtype, device=device, field="dpo-model") if args.dpo_model else None
         return model, dpo
 
-    run_info = {"model": args.model, "dpo_model": args.dpo_model, "dtype": args.dtype,
+    dtype = str(resolve_dtype(args.dtype, device)).removeprefix("torch.")  # the dtype really used
+    run_info = {"model": args.model, "dpo_model": args.dpo_model, "dtype": dtype,
                 "dataset": str(args.dataset), "split": args.split}
     out = annotate_to_disk(load_models, tokenizer, rows, Path(args.output), cfg=cfg,
                            shard_size=args.shard_size, overwrite=args.overwrite, run_info=run_info,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from treg.cli.util import OneLineParser, check_local_path
+from treg.cli.util import OneLineParser
 from treg.errors import TregError
 from treg.io.fsutil import atomic_write_text
 
@@ -40,13 +40,8 @@ def main(argv: list[str]) -> int:
     name = args.tokenizer or read_meta(path).get("model")
     if not name:
         raise TregError("no model recorded in treg_meta.json; pass --tokenizer", file=str(path))
-    from transformers import AutoTokenizer
-    check_local_path(name, "tokenizer", what="model directory")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise TregError(f"could not load tokenizer ({str(err).splitlines()[0]}); pass --tokenizer",
-                        file=name, field="tokenizer") from None
+    from treg.io.loading import load_tokenizer
+    tokenizer = load_tokenizer(name, field="tokenizer")
     # the data contract: stage, fingerprint of THIS tokenizer (else tokens decode to garbage), non-empty,
     # one reward per token, finite values
     ds = load_annotated(path, tokenizer).dataset

@@ -14,34 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from treg.errors import TregError
-
 REQUIRED = ("model_name_or_path", "dataset_path", "output_dir")
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    from treg.cli.util import check_local_path
-    check_local_path(path, "model_name_or_path", what="model directory")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise TregError(f"cannot load a tokenizer ({str(err).splitlines()[0]})", file=path,
-                        field="model_name_or_path") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_model(path: str, dtype: str, attn_implementation: str | None = None):
-    from transformers import AutoModelForCausalLM
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
-    except (OSError, ValueError) as err:
-        raise TregError(f"cannot load a causal LM ({str(err).splitlines()[0]})", file=path,
-                        field="model_name_or_path") from None
 
 
 def save_final(trainer, output_dir: str) -> None:
@@ -79,8 +52,10 @@ def main(argv: list[str]) -> int:
     config = parse_config(argv, prog="treg train", require=REQUIRED)
     from treg.io.data import load_annotated, truncate_pairs
 
-    tokenizer = load_tokenizer(config.model_name_or_path)
-    need_rewards = config.alpha > 0
+    from treg.io.loading import load_causal_lm, load_tokenizer
+    from treg.method.losses import needs_token_rewards
+    tokenizer = load_tokenizer(config.model_name_or_path, field="model_name_or_path")
+    need_rewards = needs_token_rewards(config.alpha)
     train_data = load_annotated(config.dataset_path, tokenizer, need_rewards=need_rewards).dataset
     eval_data = None
     if config.eval_dataset_path:
@@ -89,7 +64,8 @@ def main(argv: list[str]) -> int:
         if data is not None:
             truncate_pairs(data.select_columns(["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]),
                            config.max_length, config.truncation_mode)
-    model = load_model(config.model_name_or_path, config.dtype, config.attn_implementation)
+    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype, attn_implementation=config.attn_implementation,
+                           field="model_name_or_path", eval_mode=False)
 
     from treg.stages.trainer import TRegTrainer
     start = time.time()
@@ -99,7 +75,7 @@ def main(argv: list[str]) -> int:
     if trainer.is_world_process_zero():
         pairs = len(trainer.train_dataset)
         what = "LoRA adapter" if config.use_peft else "model"
-        print(f"treg train: {config.method}{'-REG' if config.alpha > 0 else ''} alpha={config.alpha:g} "
+        print(f"treg train: {config.method}{'-REG' if need_rewards else ''} alpha={config.alpha:g} "
               f"{result.global_step} steps on {pairs} pairs ({trainer.dropped_pairs} dropped), "
               f"mean loss {result.training_loss:.4f}, {time.time() - start:.0f}s; "
               f"{what} + tokenizer saved to {config.output_dir}")

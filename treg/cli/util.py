@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 from treg.errors import TregError
+from treg.io.fsutil import check_local_path  # noqa: F401  (re-exported for the stage CLIs)
+from treg.io.loading import DTYPES
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -15,15 +17,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise TregError(f"{message} (see {self.prog} --help)")
-
-
-def check_local_path(path: str, field: str | None = None, *, what: str = "file or directory") -> None:
-    """A missing path that cannot be a hub id (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x.jsonl``) is a
-    one-line error at once, instead of minutes of hub retries that end in a long message."""
-    p = str(path)
-    looks_local = p.startswith((".", "/", "~")) or p.count("/") > 1 or p.endswith((".json", ".jsonl", ".parquet"))
-    if looks_local and not os.path.exists(os.path.expanduser(p)):
-        raise TregError(f"no such {what}", file=p, field=field)
 
 
 def add_generation_arguments(p: argparse.ArgumentParser, *, temperature: float, top_p: float,
@@ -42,8 +35,8 @@ def add_generation_arguments(p: argparse.ArgumentParser, *, temperature: float, 
                    help="prompt column (default: first of prompt, messages, instruction, turns)")
     p.add_argument("--split", default="train", help="split for datasets dirs with splits and hub datasets")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="model dtype; auto: bfloat16 on a GPU that supports it, else float32")
     p.add_argument("--no-chat-template", action="store_true",
                    help="plain 'Role:' text format instead of the tokenizer's chat template")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

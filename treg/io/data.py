@@ -1,21 +1,7 @@
 """The annotated-dataset contract: load, validate, truncate, collate (see docs/data.md).
 
-An *annotated* dataset is a ``datasets`` directory (``save_to_disk``) plus ``treg_meta.json``. One
-row is one preference pair, already tokenized; responses are tokenized once (METHOD.md §1):
-
-==========================  ===========  ===================================================
-column                      type         contract
-==========================  ===========  ===================================================
-prompt_input_ids            list[int]    context ids, ending with the assistant header
-chosen_input_ids            list[int]    response tokens only, len Tw >= 1
-rejected_input_ids          list[int]    response tokens only, len Tl >= 1
-chosen_token_rewards        list[float]  r_hat per chosen token (METHOD.md §1), len Tw, finite
-rejected_token_rewards      list[float]  r_hat per rejected token, len Tl, finite
-ref_chosen_logps            float        optional: sum_t log pi_ref(y_w,t | x, y_w,<t)
-ref_rejected_logps          float        optional: same for y_l
-ref_chosen_token_logps      list[float]  optional: per-token log pi_ref, len Tw, finite
-ref_rejected_token_logps    list[float]  optional: per-token log pi_ref, len Tl, finite
-==========================  ===========  ===================================================
+The columns, dtypes and which are per token are declared once in :mod:`treg.io.schema` (the table
+there and in docs/data.md); this module loads, validates, truncates and collates such datasets.
 
 Truncation follows TRL 1.16 ``DPOConfig.max_length`` / ``truncation_mode`` exactly: the collator
 cuts each side's ``prompt + response`` sequence on its own, like TRL's ``DataCollatorForPreference``:
@@ -38,19 +24,11 @@ import torch
 
 from treg.errors import TregError
 from treg.io.meta import read_meta, save_dataset_atomic, tokenizer_fingerprint
+from treg.io.schema import (IDS, PROMPT, REF_COLUMNS, REF_SUM, REF_TOK, REQUIRED, REWARD_COLUMNS, REWARDS,  # noqa: F401
+                            SIDES, STAGE, required_columns)
 
 logger = logging.getLogger(__name__)
 
-STAGE = "annotate"
-PROMPT = "prompt_input_ids"
-SIDES = ("chosen", "rejected")
-IDS = {s: f"{s}_input_ids" for s in SIDES}
-REWARDS = {s: f"{s}_token_rewards" for s in SIDES}
-REF_SUM = {s: f"ref_{s}_logps" for s in SIDES}
-REF_TOK = {s: f"ref_{s}_token_logps" for s in SIDES}
-REQUIRED = [PROMPT, IDS["chosen"], IDS["rejected"]]
-REWARD_COLUMNS = [REWARDS["chosen"], REWARDS["rejected"]]
-REF_COLUMNS = [REF_SUM["chosen"], REF_SUM["rejected"], REF_TOK["chosen"], REF_TOK["rejected"]]
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
 
@@ -111,7 +89,7 @@ def validate(dataset, *, file: str | None = None, need_rewards: bool = True) -> 
     import pyarrow.compute as pc
     if len(dataset) == 0:
         raise TregError("empty dataset: no preference pairs", file=file)
-    need = REQUIRED + (REWARD_COLUMNS if need_rewards else [])
+    need = required_columns(need_token_rewards=need_rewards)
     for column in need:
         if column not in dataset.column_names:
             raise TregError(f"missing column (has: {', '.join(dataset.column_names)})", file=file, field=column)

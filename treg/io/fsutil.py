@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from treg.errors import TregError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -62,3 +64,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_local_path(path: str, field: str | None = None, *, what: str = "file or directory") -> None:
+    """A missing path that cannot be a hub id (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x.jsonl``) is a
+    one-line error at once, instead of minutes of hub retries that end in a long message."""
+    p = str(path)
+    looks_local = p.startswith((".", "/", "~")) or p.count("/") > 1 or p.endswith((".json", ".jsonl", ".parquet"))
+    if looks_local and not os.path.exists(os.path.expanduser(p)):
+        raise TregError(f"no such {what}", file=p, field=field)

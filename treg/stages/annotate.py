@@ -13,9 +13,8 @@ ending with the end-of-turn token) and appended to each tokenized context (METHO
 * plain ``x``                  -> ``ref_*_logps`` (sum) and ``ref_*_token_logps`` (per token)
 * ``x_better`` / ``x_worse``   -> ``r_hat(y_t) = sigmoid(lp_better - lp_worse) - 0.5`` (source contrastive)
 
-Other sources (same schema): ``dpo``: ``r_hat = sigmoid(beta * (lp_dpo - lp_ref)) - 0.5`` on the plain
-prompt (METHOD.md §5, "DPO-reward regularizer"); ``sft-chosen``: +0.5 per chosen token, 0 per
-rejected token (METHOD.md §5, "DPO-SFT").
+Other sources (same schema) are entries of :data:`treg.method.token_rewards.TOKEN_REWARD_SOURCES`
+(the DPO-reward regularizer and DPO-SFT of METHOD.md §5); each declares the passes it needs.
 
 Speed: all sequences of a chunk of pairs (2 responses x up to 3 contexts) go to
 ``treg.method.seqscore.score_sequences``: sorted by length into token-budget batches (``batch_tokens``, default
@@ -39,12 +38,12 @@ import numpy as np
 import torch
 
 from treg.io.chat import ChatFormat, PreferenceRow, messages_to_text, preference_rows
+from treg.io.loading import pad_token_id
 from treg.errors import TregError
 from treg.method.seqscore import Progress, score_sequences
 from treg.method.templates import Template, load_template, render
-
-SOURCES = ("contrastive", "dpo", "sft-chosen")
-SIDES = ("chosen", "rejected")
+from treg.method.token_rewards import PLAIN_REF, TOKEN_REWARD_SOURCES, TokenRewardSource
+from treg.io.schema import IDS, PROMPT, REF_SUM, REF_TOK, REWARDS, SIDES, SOURCE_INDEX, STAGE, TEXT, features
 # Default padded tokens per forward, by device type. On CPU, throughput falls for big batches
 # (activations leave the caches): the toy checkpoint on 2 cores scores 61.6k tok/s at 2,048 tokens
 # vs 35.0k at 16,384, a hidden-256 Llama 7.3k vs 5.8k (docs/benchmarks.md, "annotate").
@@ -54,21 +53,6 @@ CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 2048, 16384
 def default_batch_tokens(device) -> int:
     """``--batch-tokens`` when not given: 2,048 on CPU, 16,384 on accelerators (cuda, mps, xpu...)."""
     return CPU_BATCH_TOKENS if torch.device(device).type == "cpu" else GPU_BATCH_TOKENS
-
-
-def features():
-    """The ``datasets.Features`` of an annotated dataset written by this module."""
-    import datasets
-    ints, f32 = datasets.Sequence(datasets.Value("int64")), datasets.Sequence(datasets.Value("float32"))
-    cols = {"source_index": datasets.Value("int64"), "prompt_text": datasets.Value("string"),
-            "chosen_text": datasets.Value("string"), "rejected_text": datasets.Value("string"),
-            "prompt_input_ids": ints}
-    for side in SIDES:
-        cols[f"{side}_input_ids"] = ints
-        cols[f"{side}_token_rewards"] = f32
-        cols[f"ref_{side}_logps"] = datasets.Value("float64")
-        cols[f"ref_{side}_token_logps"] = f32
-    return datasets.Features(cols)
 
 
 @dataclass
@@ -82,22 +66,27 @@ class AnnotateConfig:
     use_chat_template: bool = True
 
     def __post_init__(self):
-        if self.source not in SOURCES:
-            raise TregError(f"unknown source '{self.source}' (choose {', '.join(SOURCES)})", field="source")
-        if self.source == "contrastive" and self.template is None:
+        if self.source not in TOKEN_REWARD_SOURCES:
+            raise TregError(f"unknown source '{self.source}' (choose {', '.join(TOKEN_REWARD_SOURCES)})",
+                            field="source")
+        if self.spec.needs_template and self.template is None:
             self.template = load_template("revision")
         if self.batch_tokens < 1:
             raise TregError("must be >= 1", field="batch_tokens")
         if not math.isfinite(self.beta) or self.beta <= 0:
             raise TregError("must be a positive number", field="beta")
 
+    @property
+    def spec(self) -> TokenRewardSource:
+        return TOKEN_REWARD_SOURCES[self.source]
+
     def settings(self) -> dict:
         """JSON-able settings for fingerprints and meta (template text only where it matters)."""
         out = {"source": self.source, "max_length": self.max_length, "batch_tokens": self.batch_tokens,
                "use_chat_template": self.use_chat_template}
-        if self.source == "contrastive":
+        if self.spec.needs_template:
             out.update(template_mode=self.template.mode, template_text=self.template.text)
-        if self.source == "dpo":
+        if self.spec.uses_beta:
             out["beta"] = self.beta
         return out
 
@@ -118,7 +107,7 @@ def build_pairs(rows: list[PreferenceRow], fmt: ChatFormat, cfg: AnnotateConfig)
         prompt_ids = fmt.context_ids(row.prompt)
         resp = {"chosen": fmt.response_ids(row.chosen), "rejected": fmt.response_ids(row.rejected)}
         ctx = {(side, "plain"): prompt_ids for side in SIDES}
-        if cfg.source == "contrastive":
+        if cfg.spec.needs_template:
             query = messages_to_text(row.prompt)
             if cfg.template.mode == "revision":  # the draft is in the context: one pair of contexts per side
                 for side in SIDES:
@@ -135,16 +124,11 @@ def build_pairs(rows: list[PreferenceRow], fmt: ChatFormat, cfg: AnnotateConfig)
     return pairs
 
 
-def _sigmoid_half(x: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-x.astype(np.float64))) - 0.5).astype(np.float32)
-
-
 def annotate_pairs(pairs: list[_Pair], model, cfg: AnnotateConfig, *, pad_id: int, dpo_model=None,
                    file: str | None = None, progress: Progress | None = None) -> list[dict]:
     """Score ``pairs`` (one chunk) and return output rows (see module docstring for the columns)."""
-    jobs = [(p, key, "ref") for p in pairs for key in p.ctx]
-    if cfg.source == "dpo":
-        jobs += [(p, key, "dpo") for p in pairs for key in p.ctx]
+    needed = {PLAIN_REF, *cfg.spec.scores}  # (context, model) passes of this source
+    jobs = [(p, key, name) for name in ("ref", "dpo") for p in pairs for key in p.ctx if (key[1], name) in needed]
     for name, mdl in (("ref", model), ("dpo", dpo_model)):
         mine = [j for j in jobs if j[2] == name]
         if not mine:
@@ -157,27 +141,21 @@ def annotate_pairs(pairs: list[_Pair], model, cfg: AnnotateConfig, *, pad_id: in
 
 
 def _row(p: _Pair, cfg: AnnotateConfig, file: str | None) -> dict:
-    out = {"source_index": p.row.index, "prompt_text": messages_to_text(p.row.prompt),
-           "chosen_text": p.row.chosen, "rejected_text": p.row.rejected,
-           "prompt_input_ids": p.prompt_ids}
+    out = {SOURCE_INDEX: p.row.index, TEXT["prompt"]: messages_to_text(p.row.prompt),
+           TEXT["chosen"]: p.row.chosen, TEXT["rejected"]: p.row.rejected, PROMPT: p.prompt_ids}
     for side in SIDES:
-        ref = p.out[(side, "plain", "ref")]
-        if cfg.source == "contrastive":  # METHOD.md §1
-            r_hat = _sigmoid_half(p.out[(side, "better", "ref")] - p.out[(side, "worse", "ref")])
-        elif cfg.source == "dpo":  # METHOD.md §5: sigmoid(beta * (log pi_dpo - log pi_ref)) - 0.5
-            r_hat = _sigmoid_half(cfg.beta * (p.out[(side, "plain", "dpo")].astype(np.float64) - ref))
-        else:  # METHOD.md §5 DPO-SFT: +0.5 on chosen tokens, 0 on rejected
-            r_hat = np.full(len(ref), 0.5 if side == "chosen" else 0.0, dtype=np.float32)
+        ref = p.out[(side, *PLAIN_REF)]
+        lp = {key[1:]: values for key, values in p.out.items() if key[0] == side}  # (context, model) -> (n,)
+        r_hat = cfg.spec.rewards(lp, side, cfg.beta, len(ref))  # METHOD.md §1 / §5, one registry entry
         total = float(ref.astype(np.float64).sum())
-        for name, values in ((f"{side}_token_rewards", r_hat), (f"ref_{side}_token_logps", ref),
-                             (f"ref_{side}_logps", np.array([total]))):
+        for name, values in ((REWARDS[side], r_hat), (REF_TOK[side], ref), (REF_SUM[side], np.array([total]))):
             if not np.isfinite(values).all():
                 raise TregError("the model produced a non-finite value (NaN/inf); check the model and "
                                 "--dtype", file=file, row=p.row.row, field=name)
-        out[f"{side}_input_ids"] = p.resp[side]
-        out[f"{side}_token_rewards"] = r_hat.tolist()
-        out[f"ref_{side}_logps"] = total
-        out[f"ref_{side}_token_logps"] = ref.tolist()
+        out[IDS[side]] = p.resp[side]
+        out[REWARDS[side]] = r_hat.tolist()
+        out[REF_SUM[side]] = total
+        out[REF_TOK[side]] = ref.tolist()
     return out
 
 
@@ -213,24 +191,19 @@ def annotate(model, tokenizer, rows, *, template: str | Template = "revision", s
 
 def make_config(*, template, source, beta, max_length, batch_tokens, use_chat_template, dpo_model) -> AnnotateConfig:
     """Validate options and build an :class:`AnnotateConfig` (TregError on a bad combination)."""
-    if source == "dpo" and dpo_model is None:
-        raise TregError("--source dpo needs --dpo-model", field="dpo_model")
-    if source != "dpo" and dpo_model is not None:
-        raise TregError("--dpo-model is only used with --source dpo", field="dpo_model")
+    spec = TOKEN_REWARD_SOURCES.get(source)
+    if spec is None:
+        raise TregError(f"unknown source '{source}' (choose {', '.join(TOKEN_REWARD_SOURCES)})", field="source")
+    if spec.needs_dpo_model and dpo_model is None:
+        raise TregError(f"--source {source} needs --dpo-model", field="dpo_model")
+    if not spec.needs_dpo_model and dpo_model is not None:
+        raise TregError(f"--dpo-model is not used by --source {source}", field="dpo_model")
     if max_length is not None and max_length < 2:
         raise TregError("must be >= 2", field="max_length")
     tmpl = (template if isinstance(template, Template) else load_template(template)) \
-        if source == "contrastive" else None
+        if spec.needs_template else None
     return AnnotateConfig(template=tmpl, source=source, beta=beta, max_length=max_length,
                           batch_tokens=batch_tokens, use_chat_template=use_chat_template)
-
-
-def pad_token_id(tokenizer) -> int:
-    """Any valid id works for padding (it is masked); prefer pad, then eos, then 0."""
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
 
 
 def progress_bar(total: int, *, enabled: bool = True, desc: str = "annotate"):
@@ -295,10 +268,12 @@ def annotate_to_disk(model, tokenizer, rows: list[PreferenceRow], out, *, cfg: A
             shutil.rmtree(writer.out, ignore_errors=True)
             raise TregError(f"every pair is longer than --max-length {cfg.max_length} tokens (context + "
                             "response); nothing written", file=file, field="max-length")
-        return {"stage": "annotate", "tokenizer_fingerprint": tok_fp, **run_info,
+        from treg.io.data import validate
+        validate(ds, file=str(out))  # the output meets the contract (treg.io.schema) before it is published
+        return {"stage": STAGE, "tokenizer_fingerprint": tok_fp, **run_info,
                 "source": cfg.source, "template": cfg.template.text if cfg.template else None,
                 "template_mode": cfg.template.mode if cfg.template else None,
-                "beta": cfg.beta if cfg.source == "dpo" else None,
+                "beta": cfg.beta if cfg.spec.uses_beta else None,
                 "num_pairs": len(ds), "num_rows": len(rows), "skipped_too_long": len(rows) - len(ds),
                 "lengths": length_stats(ds), "settings": settings}
 
@@ -310,7 +285,7 @@ def length_stats(ds) -> dict:
     import pyarrow.compute as pc
     table = ds.with_format("arrow")[:]
     out = {}
-    for col in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
+    for col in (PROMPT, IDS["chosen"], IDS["rejected"]):
         n = pc.list_value_length(table[col]).to_numpy(zero_copy_only=False) if len(ds) else np.zeros(1)
         out[col.replace("_input_ids", "")] = {"mean": round(float(n.mean()), 2), "max": int(n.max())}
     return out

@@ -22,14 +22,17 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser, TrainingArguments
 
 from treg.errors import TregError
-
-METHODS = ("dpo", "simpo")
-WEIGHTINGS = ("sequence", "static")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from treg.io.loading import DTYPES
+from treg.method.losses import PREFERENCE_LOSSES, WEIGHTINGS
 
 
 def _f(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
+
+
+def _choices_help(intro: str, registry: dict) -> str:
+    """``--help`` text listing a registry's entries with their one-line docs (the registry is the source)."""
+    return intro + " " + "; ".join(f"{name}: {entry.doc}" for name, entry in registry.items()) + "."
 
 
 @dataclass
@@ -59,13 +62,14 @@ class TRegConfig(TrainingArguments):
     pad_to_multiple_of: int | None = _f(None, "Pad batch length to a multiple of this (e.g. 8 on tensor cores).")
 
     # -- the method (METHOD.md §3-§5)
-    method: str = _f("dpo", "Pairwise loss: dpo (with reference) or simpo (reference-free, length-normalised).",
-                     choices=list(METHODS))
+    method: str = _f("dpo", _choices_help("Pairwise loss (treg.method.losses.PREFERENCE_LOSSES).", PREFERENCE_LOSSES),
+                     choices=list(PREFERENCE_LOSSES))
     beta: float = _f(0.1, "beta: scale of the implicit reward (DPO 0.1 typical; SimPO uses e.g. 2-10).")
-    gamma: float = _f(0.0, "SimPO target margin gamma (absolute, not gamma/beta); ignored for dpo.")
+    gamma: float = _f(0.0, "Target margin gamma (absolute, not gamma/beta) for methods that use one (simpo); "
+                           "must stay 0 for the others.")
     alpha: float = _f(0.25, "Weight of the token-level regularizer L_REG (0 = plain DPO/SimPO; the paper "
                             "searches 0.1, 0.25, 0.5).")
-    weighting: str = _f("sequence", "sequence: w = stopgrad(sigmoid(-z)) per pair (the paper); static: w = 1.",
+    weighting: str = _f("sequence", _choices_help("Per-pair weight w of the regularizer.", WEIGHTINGS),
                         choices=list(WEIGHTINGS))
 
     # -- reference log-probs
@@ -89,7 +93,8 @@ class TRegConfig(TrainingArguments):
 
     def __post_init__(self):
         checks = [
-            (self.method in METHODS, "method", f"unknown method '{self.method}' (choose {', '.join(METHODS)})"),
+            (self.method in PREFERENCE_LOSSES, "method",
+             f"unknown method '{self.method}' (choose {', '.join(PREFERENCE_LOSSES)})"),
             (self.weighting in WEIGHTINGS, "weighting",
              f"unknown weighting '{self.weighting}' (choose {', '.join(WEIGHTINGS)})"),
             (self.dtype in DTYPES, "dtype", f"unknown dtype '{self.dtype}' (choose {', '.join(DTYPES)})"),
@@ -98,6 +103,8 @@ class TRegConfig(TrainingArguments):
             (self.alpha >= 0, "alpha", f"alpha must be >= 0, got {self.alpha}"),
             (self.beta > 0, "beta", f"beta must be > 0, got {self.beta}"),
             (self.gamma >= 0, "gamma", f"gamma must be >= 0, got {self.gamma}"),
+            (self.gamma == 0 or self.method not in PREFERENCE_LOSSES or PREFERENCE_LOSSES[self.method].uses_gamma,
+             "gamma", f"gamma={self.gamma} but method '{self.method}' has no target margin (leave gamma at 0)"),
             (self.max_length is None or self.max_length >= 2, "max_length",
              f"max_length must be >= 2, got {self.max_length}"),
             (self.logprob_chunk_size >= 0, "logprob_chunk_size", "logprob_chunk_size must be >= 0 (0 = full logits)"),

@@ -256,7 +256,8 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
     rows, label = load_prompt_rows(prompts, prompt_column=prompt_column, split=split, limit=limit)
     if backend == "vllm":
         import importlib.util
-        from treg.stages.sampling import load_generation_config, load_tokenizer, vllm_engine, vllm_generate
+        from treg.io.loading import load_tokenizer
+        from treg.stages.sampling import load_generation_config, vllm_engine, vllm_generate
         if importlib.util.find_spec("vllm") is None:
             raise TregError("--backend vllm needs the 'vllm' package; use --backend hf", field="backend")
         model, tokenizer = load_generation_config(model_path), load_tokenizer(model_path)

@@ -25,7 +25,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from treg.cli.util import check_local_path
+from treg.io.fsutil import check_local_path
+from treg.io.loading import load_causal_lm, load_tokenizer, pad_token_id
 from treg.errors import TregError
 
 PROMPT_COLUMNS = ("prompt", "messages", "instruction", "turns")
@@ -190,7 +191,7 @@ def hf_generate(model, tokenizer, contexts: Sequence[list[int]], seeds: Sequence
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    pad = pad_token_id(tokenizer)
     order = sorted(range(len(contexts)), key=lambda i: (-len(contexts[i]), i))
     results: list[dict | None] = [None] * len(contexts)
     gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
@@ -226,7 +227,8 @@ def vllm_engine(model_path: str, *, dtype: str | None = None, tensor_parallel_si
         from vllm import LLM
     except ImportError:
         raise TregError("--backend vllm needs the 'vllm' package (pip install vllm); use --backend hf") from None
-    return LLM(model=model_path, dtype=dtype or "bfloat16", tensor_parallel_size=tensor_parallel_size)
+    dtype = "bfloat16" if dtype in (None, "auto") else dtype  # vLLM runs on a GPU: auto means bf16
+    return LLM(model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
 
 
 def vllm_generate(llm, contexts: Sequence[list[int]], seeds: Sequence[int], *, stop_ids: list[int],
@@ -263,16 +265,6 @@ def path_fingerprint(path: str) -> str:
                         for f in files if not f.name.startswith(".")] or [os.fspath(p)])
 
 
-def load_tokenizer(model_path: str):
-    """The policy's tokenizer (TregError if it cannot be loaded)."""
-    from transformers import AutoTokenizer
-    check_local_path(model_path)
-    try:
-        return AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as err:
-        raise TregError(f"cannot load a tokenizer: {str(err).splitlines()[0]}", file=model_path) from None
-
-
 def load_generation_config(model_path: str):
     """The model's ``GenerationConfig`` (for its EOS ids), or None when it has none."""
     from transformers import GenerationConfig
@@ -283,21 +275,12 @@ def load_generation_config(model_path: str):
 
 
 def load_policy(model_path: str, *, dtype: str | None = None, device=None):
-    """``(model, tokenizer)`` for generation: eval mode, bf16 on CUDA / fp32 on CPU by default."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` for generation: eval mode, dtype auto (bf16 on a capable GPU, else fp32)."""
     if device is None:
         from accelerate import PartialState
         device = PartialState().device
-    device = torch.device(device)
-    dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    check_local_path(model_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as err:
-        raise TregError(f"cannot load the model: {str(err).splitlines()[0]}", file=model_path) from None
-    return model.to(device).eval(), tokenizer
+    tokenizer = load_tokenizer(model_path, field="model")
+    return load_causal_lm(model_path, dtype=dtype or "auto", device=device, field="model"), tokenizer
 
 
 def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperature: float = 0.8,
@@ -337,7 +320,7 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
         if state.num_processes > 1:
             raise TregError("--backend vllm runs as one process (use --tensor-parallel-size), not under "
                             "accelerate launch", field="backend")
-    tokenizer = load_tokenizer(model_path)  # the model itself is loaded only if there is work left
+    tokenizer = load_tokenizer(model_path, field="model")  # the model itself is loaded only if there is work left
     chat = ChatFormat(tokenizer, use_chat_template=use_chat_template, file=model_path)
     stops = stop_token_ids(load_generation_config(model_path), tokenizer, chat)
     settings = {"stage": "sample", "model": path_fingerprint(model_path),

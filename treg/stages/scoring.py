@@ -88,7 +88,7 @@ def check_reward_model_config(path: str, *, trust_remote_code: bool = False) -> 
     Returns the config dict.
     """
     from transformers import PretrainedConfig
-    from treg.cli.util import check_local_path
+    from treg.io.fsutil import check_local_path
     check_local_path(path)
     try:
         cfg, _ = PretrainedConfig.get_config_dict(path)
@@ -124,20 +124,18 @@ class RewardModelScorer:
     def __init__(self, path: str, *, trust_remote_code: bool = False, batch_size: int = 8,
                  device=None, dtype: str | None = None):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from treg.io.loading import load_reward_model, load_tokenizer
         cfg = check_reward_model_config(path, trust_remote_code=trust_remote_code)
         self.custom = bool(cfg.get("auto_map"))
         if device is None:
             from accelerate import PartialState
             device = PartialState().device
         self.device = torch.device(device)
-        if dtype is None:
-            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(path, field="reward-model", trust_remote_code=trust_remote_code)
         if not getattr(self.tokenizer, "chat_template", None):
             raise TregError("the reward model's tokenizer has no chat template", file=path)
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, output_loading_info=True)
+        model, info = load_reward_model(path, dtype=dtype, device=self.device, trust_remote_code=trust_remote_code)
         missing = [k for k in info.get("missing_keys", []) if "score" in k or "classifier" in k]
         if missing and not self.custom:
             raise TregError(f"not a trained reward model: head weights {missing} are missing from the "
@@ -266,7 +264,7 @@ def read_samples(source: str) -> tuple[list[dict], str, str]:
     source with ``prompt`` and ``responses``). Returns ``(rows, label, input_fingerprint)``."""
     from treg.io.chat import normalize_messages, read_records
     from treg.io.meta import read_meta, stable_hash
-    from treg.cli.util import check_local_path
+    from treg.io.fsutil import check_local_path
     check_local_path(source)
     records, label = read_records(source)
     if not records:

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-SIDES = ("chosen", "rejected")
+from treg.io.schema import IDS, REWARDS, SIDES, TEXT
+
 
 
 def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
@@ -49,7 +50,7 @@ def worst_indices(dataset, k: int) -> list[int]:
     ``mean r_hat(chosen) - mean r_hat(rejected)``."""
     means = {}
     for side in SIDES:
-        values, lengths = _flat(dataset, f"{side}_token_rewards")
+        values, lengths = _flat(dataset, REWARDS[side])
         sums = np.add.reduceat(values.astype(np.float64), np.r_[0, np.cumsum(lengths)[:-1]]) \
             if len(values) else np.zeros(len(lengths))
         means[side] = sums / np.maximum(lengths, 1)
@@ -64,8 +65,8 @@ def summary(dataset, tokenizer=None, *, top: int = 10) -> dict:
     out = {"pairs": len(dataset)}
     ids_all, vals_all = [], []
     for side in SIDES:
-        values, _ = _flat(dataset, f"{side}_token_rewards")
-        ids, _ = _flat(dataset, f"{side}_input_ids")
+        values, _ = _flat(dataset, REWARDS[side])
+        ids, _ = _flat(dataset, IDS[side])
         out[side] = {"tokens": int(len(values)), "mean_reward": float(values.mean()) if len(values) else 0.0,
                      "positive_share": float((values > 0).mean()) if len(values) else 0.0}
         ids_all.append(ids)
@@ -84,7 +85,7 @@ def summary(dataset, tokenizer=None, *, top: int = 10) -> dict:
 def _scale(rows, scale: float | None) -> float:
     if scale is not None:
         return float(scale)
-    vals = [abs(v) for r in rows for s in SIDES for v in r[f"{s}_token_rewards"]]
+    vals = [abs(v) for r in rows for s in SIDES for v in r[REWARDS[s]]]
     return max(max(vals, default=0.0), 1e-9)
 
 
@@ -112,11 +113,11 @@ def render_html(rows: list[dict], tokenizer, *, title: str = "T-REG token reward
     for n, row in enumerate(rows):
         idx = indices[n] if indices is not None else row.get("source_index", n)
         parts.append(f"<div class='pair'><h3>pair {esc(str(idx))}</h3>")
-        if row.get("prompt_text") is not None:
-            parts.append(f"<div class='prompt'>{esc(row['prompt_text'])}</div>")
+        if row.get(TEXT["prompt"]) is not None:
+            parts.append(f"<div class='prompt'>{esc(row[TEXT['prompt']])}</div>")
         parts.append("<div class='cols'>")
         for side in SIDES:
-            ids, rew = row[f"{side}_input_ids"], row[f"{side}_token_rewards"]
+            ids, rew = row[IDS[side]], row[REWARDS[side]]
             mean = float(np.mean(rew)) if len(rew) else 0.0
             spans = []
             for piece, r in zip(token_pieces(tokenizer, ids), rew):
@@ -141,7 +142,7 @@ def render_terminal(rows: list[dict], tokenizer, console, *, scale: float | None
         table = Table(title=f"pair {idx}", show_lines=True, expand=True)
         cells = []
         for side in SIDES:
-            ids, rew = row[f"{side}_input_ids"], row[f"{side}_token_rewards"]
+            ids, rew = row[IDS[side]], row[REWARDS[side]]
             table.add_column(f"{side} (mean r_hat {float(np.mean(rew)):+.4f})", ratio=1)
             text = Text()
             for piece, r in zip(token_pieces(tokenizer, ids), rew):
@@ -149,8 +150,8 @@ def render_terminal(rows: list[dict], tokenizer, console, *, scale: float | None
                 bg = tuple(round(c * a) for c in (cr, cg, cb))  # blend towards black
                 text.append(piece, style=f"on rgb({bg[0]},{bg[1]},{bg[2]})")
             cells.append(text)
-        if row.get("prompt_text") is not None:
-            console.print(Text(f"prompt: {row['prompt_text']}", style="dim"))
+        if row.get(TEXT["prompt"]) is not None:
+            console.print(Text(f"prompt: {row[TEXT['prompt']]}", style="dim"))
         table.add_row(*cells)
         console.print(table)
 

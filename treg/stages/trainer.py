@@ -33,10 +33,11 @@ from transformers import Trainer
 from transformers.trainer_utils import set_seed
 
 from treg.stages.config import TRegConfig
-from treg.io.data import (IDS, PROMPT, REF_SUM, REF_TOK, REWARD_COLUMNS, SIDES, PairCollator, response_window,
-                       truncate_pairs)
+from treg.io.data import PairCollator, response_window, truncate_pairs
+from treg.io.schema import IDS, PROMPT, REF_SUM, REF_TOK, REWARD_COLUMNS, SIDES, required_columns
 from treg.errors import TregError
-from treg.method.losses import treg_loss
+from treg.io.loading import pad_token_id
+from treg.method.losses import PREFERENCE_LOSSES, needs_token_rewards, treg_loss
 from treg.method.logprobs import model_token_logps
 
 logger = logging.getLogger(__name__)
@@ -103,11 +104,13 @@ class TRegTrainer(Trainer):
                  callbacks=None, optimizers=(None, None), peft_config=None):
         if processing_class is None:
             raise ValueError("TRegTrainer needs processing_class (the tokenizer) for its pad token id")
-        pad_id = processing_class.pad_token_id
-        pad_id = processing_class.eos_token_id if pad_id is None else pad_id
-        if args.alpha > 0 and not set(REWARD_COLUMNS) <= set(train_dataset.column_names):
-            raise TregError(f"alpha={args.alpha} needs token rewards; the dataset has no "
-                            f"'{REWARD_COLUMNS[0]}' (run 'treg annotate', or set alpha 0)", field=REWARD_COLUMNS[0])
+        pad_id = pad_token_id(processing_class)
+        need = required_columns(need_token_rewards=needs_token_rewards(args.alpha))
+        missing = [c for c in need if c not in train_dataset.column_names]
+        if missing:
+            why = f"alpha={args.alpha} needs token rewards" if missing[0] in REWARD_COLUMNS else "not an annotated dataset"
+            raise TregError(f"{why}; the dataset has no '{missing[0]}' (run 'treg annotate'"
+                            f"{', or set alpha 0' if missing[0] in REWARD_COLUMNS else ''})", field=missing[0])
         check_report_to(args)
         if peft_config is None and args.use_peft:
             peft_config = lora_config(args)
@@ -122,7 +125,7 @@ class TRegTrainer(Trainer):
         train_dataset, self.dropped_pairs = truncate_pairs(train_dataset, args.max_length, args.truncation_mode)
         if eval_dataset is not None:
             eval_dataset, _ = truncate_pairs(eval_dataset, args.max_length, args.truncation_mode)
-        needs_ref = args.method == "dpo"
+        needs_ref = PREFERENCE_LOSSES[args.method].needs_ref
         in_data = all(REF_SUM[s] in d.column_names for d in (train_dataset, eval_dataset) if d is not None
                       for s in SIDES)
         live_copy = None  # full fine-tuning scored against the reference every step: a frozen copy
@@ -170,7 +173,7 @@ class TRegTrainer(Trainer):
         """As Trainer.evaluate; a dataset passed here is truncated and given reference log-probs first."""
         if eval_dataset is not None and not isinstance(eval_dataset, (str, dict)):
             eval_dataset, _ = truncate_pairs(eval_dataset, self.args.max_length, self.args.truncation_mode)
-            if self.args.method == "dpo" and self.args.precompute_ref_log_probs:
+            if PREFERENCE_LOSSES[self.args.method].needs_ref and self.args.precompute_ref_log_probs:
                 eval_dataset = self._add_reference(eval_dataset, "eval")
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
                                 metric_key_prefix=metric_key_prefix)
@@ -239,7 +242,7 @@ class TRegTrainer(Trainer):
         rewards = inputs.get("token_rewards")                      # (2B, L) r_hat or None
         ref_tok = inputs.get("ref_token_logps")                    # (2B, L) or None
         ref_w, ref_l = inputs.get(REF_SUM["chosen"]), inputs.get(REF_SUM["rejected"])  # (B,) or None
-        if args.method == "dpo" and ref_w is None:                 # live reference (no precompute)
+        if PREFERENCE_LOSSES[args.method].needs_ref and ref_w is None:  # live reference (no precompute)
             ref_tok = self._reference_logps(inputs)
             ref_w, ref_l = ref_tok[:b].sum(1), ref_tok[b:].sum(1)
 
@@ -248,8 +251,7 @@ class TRegTrainer(Trainer):
 
         ref_tok_w, ref_tok_l = halves(ref_tok)
         out = treg_loss(*halves(logps), *halves(mask), *halves(rewards),  # METHOD.md §3 (dpo) / §4 (simpo)
-                        ref_w, ref_l, method=args.method, beta=args.beta,
-                        gamma=args.gamma if args.method == "simpo" else 0.0, alpha=args.alpha,
+                        ref_w, ref_l, method=args.method, beta=args.beta, gamma=args.gamma, alpha=args.alpha,
                         weighting=args.weighting, ref_chosen_token_logps=ref_tok_w, ref_rejected_token_logps=ref_tok_l)
         # What each metric is a mean over: pairs, except the token-pooled ones (losses.py).
         weights = {"treg/token_reward_mean_chosen": mask[:b].sum(), "treg/token_reward_mean_rejected": mask[b:].sum()}

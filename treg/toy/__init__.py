@@ -36,11 +36,6 @@ def load(path: str | None = None):
 
     A directory that is not a loadable checkpoint is a :class:`TregError` naming it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = path or checkpoint_path()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path)
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise TregError(f"not a loadable checkpoint ({str(err).splitlines()[0]})", file=str(path)) from None
-    return model.eval(), tok
+    from treg.io.loading import load_causal_lm, load_tokenizer
+    path = str(path or checkpoint_path())
+    return load_causal_lm(path, dtype="float32", field=None), load_tokenizer(path, field=None)

@@ -39,6 +39,8 @@ from pathlib import Path
 
 from treg.errors import TregError
 from treg.io.fsutil import atomic_write_text
+from treg.io.schema import IDS, REWARD_COLUMNS, REWARDS, SIDES, TEXT
+from treg.method.token_rewards import TOKEN_REWARD_SOURCES
 
 BASE = ("dpo", "dpo_reg")
 ABLATIONS = ("dpo_reg_static", "dpo_sft", "dpo_reg_dpo_reward", "simpo", "simpo_reg")
@@ -50,6 +52,13 @@ METHODS = {
     "dpo_reg_dpo_reward": {"method": "dpo", "reg": "dpo", "weighting": "sequence"},
     "simpo": {"method": "simpo", "reg": None, "weighting": "sequence"},
     "simpo_reg": {"method": "simpo", "reg": "contrastive", "weighting": "sequence"},
+}
+ANNOTATED_SOURCE = "contrastive"  # the source prepare_data annotates with; others are derived per method
+DPO_REWARD_POLICY, DPO_REWARD_SOURCE = "dpo", "dpo"  # the demo method whose policy gives the 'dpo' source
+# beta / gamma per pairwise loss of PREFERENCE_LOSSES that the demo trains (from DemoConfig)
+LOSS_HYPERPARAMETERS = {
+    "dpo": lambda cfg: {"beta": cfg.beta, "gamma": 0.0},
+    "simpo": lambda cfg: {"beta": cfg.simpo_beta, "gamma": cfg.simpo_gamma},
 }
 
 
@@ -117,11 +126,9 @@ def train_policy(cfg: DemoConfig, name: str, dataset, *, lr: float, alpha: float
     from treg.stages.config import TRegConfig
     from treg.stages.trainer import TRegTrainer
     spec = METHODS[name]
-    simpo = spec["method"] == "simpo"
     args = TRegConfig(
         output_dir=workdir, method=spec["method"], weighting=spec["weighting"],
-        alpha=alpha if spec["reg"] else 0.0,
-        beta=cfg.simpo_beta if simpo else cfg.beta, gamma=cfg.simpo_gamma if simpo else 0.0,
+        alpha=alpha if spec["reg"] else 0.0, **LOSS_HYPERPARAMETERS[spec["method"]](cfg),
         learning_rate=lr, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
         lr_scheduler_type="cosine", warmup_steps=max(1, cfg.steps // 10), logging_steps=max(1, cfg.steps // 20),
         save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, data_seed=seed,
@@ -135,14 +142,16 @@ def train_policy(cfg: DemoConfig, name: str, dataset, *, lr: float, alpha: float
     return trainer.model.eval(), history
 
 
-def _with_rewards(dataset, source: str, dpo_rewards=None):
-    """The annotated dataset with the token-reward columns a method's regularizer uses."""
-    if source == "contrastive" or source is None:
+def _with_rewards(dataset, source: str | None, dpo_rewards=None):
+    """The annotated dataset with the token-reward columns a method's regularizer uses: the annotated
+    (contrastive) ones, ones that follow from the data alone (DPO-SFT), or the trained DPO policy's."""
+    if source is None or source == ANNOTATED_SOURCE:
         return dataset
-    if source == "sft-chosen":  # METHOD.md §5 DPO-SFT: +0.5 on chosen tokens, 0 on rejected
-        return dataset.map(lambda r: {"chosen_token_rewards": [0.5] * len(r["chosen_input_ids"]),
-                                      "rejected_token_rewards": [0.0] * len(r["rejected_input_ids"])})
-    cols = ("chosen_token_rewards", "rejected_token_rewards")
+    spec = TOKEN_REWARD_SOURCES[source]
+    if not spec.needs_model:  # e.g. sft-chosen: a rule of the data alone (METHOD.md §5)
+        return dataset.map(lambda r: {REWARDS[side]: spec.rewards({}, side, 0.0, len(r[IDS[side]])).tolist()
+                                      for side in SIDES})
+    cols = tuple(REWARD_COLUMNS)
     return dataset.remove_columns(list(cols)).add_column(cols[0], dpo_rewards[cols[0]]) \
         .add_column(cols[1], dpo_rewards[cols[1]])
 
@@ -164,12 +173,12 @@ def token_records(dataset, dpo_dataset) -> list[dict]:
     """Per training pair: texts, contrastive and DPO-implicit token rewards (for AUROC and heat maps)."""
     out = []
     for i, row in enumerate(dataset):
-        rec = {"query": row["prompt_text"], "chosen": row["chosen_text"], "rejected": row["rejected_text"],
-               "chosen_ids": row["chosen_input_ids"], "rejected_ids": row["rejected_input_ids"]}
-        for side in ("chosen", "rejected"):
-            rec[f"{side}_contrastive"] = row[f"{side}_token_rewards"]
+        rec = {"query": row[TEXT["prompt"]], "chosen": row[TEXT["chosen"]], "rejected": row[TEXT["rejected"]],
+               "chosen_ids": row[IDS["chosen"]], "rejected_ids": row[IDS["rejected"]]}
+        for side in SIDES:
+            rec[f"{side}_contrastive"] = row[REWARDS[side]]
             if dpo_dataset is not None:
-                rec[f"{side}_dpo"] = dpo_dataset[i][f"{side}_token_rewards"]
+                rec[f"{side}_dpo"] = dpo_dataset[i][REWARDS[side]]
         out.append(rec)
     return out
 
@@ -240,7 +249,7 @@ def _run(cfg: DemoConfig, ref, tok, out: Path, t0: float, workdir: str) -> dict:
         _log(cfg, f"seed {seed}: {stats['pairs_kept']} pairs from {stats['prompts']} prompts "
                   f"({time.time() - ts:.0f} s)")
         dpo_rewards = None
-        for name in ["dpo"] + [m for m in cfg.methods() if m != "dpo"]:
+        for name in [DPO_REWARD_POLICY] + [m for m in cfg.methods() if m != DPO_REWARD_POLICY]:
             if name not in chosen:
                 lr, alpha, trials = tune(cfg, name, dataset, dpo_rewards, tok, tune_rows, workdir)
                 chosen[name] = {"lr": lr, "alpha": alpha, "trials": trials}
@@ -253,13 +262,13 @@ def _run(cfg: DemoConfig, ref, tok, out: Path, t0: float, workdir: str) -> dict:
             s = pipeline.summarize(records)
             _log(cfg, f"  {name:<20} reward {s['reward']:.4f}  exact {s['exact_match']:.3f}  "
                       f"length {s['length']:.2f}")
-            if name == "dpo":  # DPO-implicit token rewards of the trained DPO policy (METHOD.md §5)
+            if name == DPO_REWARD_POLICY:  # DPO-implicit token rewards of the trained DPO policy (METHOD.md §5)
                 dpo_ann = pipeline.annotate_pairs(ref, tok, [_pair_row(r) for r in dataset],
-                                                  source="dpo", dpo_model=model, beta=cfg.beta)
-                if dpo_ann["chosen_input_ids"] != dataset["chosen_input_ids"]:
+                                                  source=DPO_REWARD_SOURCE, dpo_model=model, beta=cfg.beta)
+                if dpo_ann[IDS["chosen"]] != dataset[IDS["chosen"]]:
                     raise RuntimeError("DPO re-annotation does not align with the training pairs")
                 _write_jsonl(out / "tokens" / f"seed{seed}.jsonl", token_records(dataset, dpo_ann))
-                dpo_rewards = dpo_ann.select_columns(["chosen_token_rewards", "rejected_token_rewards"])
+                dpo_rewards = dpo_ann.select_columns(REWARD_COLUMNS)
             del model
     config = {**dataclasses.asdict(cfg), "methods": cfg.methods(),
               "chosen_hyperparameters": chosen, "pair_stats": pair_stats}
@@ -292,6 +301,6 @@ def _quiet_libraries() -> None:
 
 def _pair_row(row: dict) -> dict:
     """A TRL conversational preference row rebuilt from an annotated row (for re-annotation)."""
-    return {"prompt": [{"role": "user", "content": row["prompt_text"]}],
-            "chosen": [{"role": "assistant", "content": row["chosen_text"]}],
-            "rejected": [{"role": "assistant", "content": row["rejected_text"]}]}
+    return {"prompt": [{"role": "user", "content": row[TEXT["prompt"]]}],
+            "chosen": [{"role": "assistant", "content": row[TEXT["chosen"]]}],
+            "rejected": [{"role": "assistant", "content": row[TEXT["rejected"]]}]}
