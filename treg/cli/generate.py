@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from treg.cli.util import OneLineParser, add_generation_arguments
+from treg.io.formats import OUTPUT_FORMATS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,8 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="prompts: AlpacaEval set (instruction), Arena-Hard "
                    "question.jsonl (turns), or any prompt file/dir/hub dataset")
     p.add_argument("--output", required=True, help="output file (a <file>.treg_meta.json is written beside it)")
-    p.add_argument("--format", choices=["alpaca_eval", "arena_hard", "jsonl"], default="jsonl",
-                   help="alpaca_eval: JSON list; arena_hard: model-answer JSONL; jsonl: treg's rows")
+    p.add_argument("--format", choices=list(OUTPUT_FORMATS), default="jsonl",
+                   help="; ".join(f"{name}: {f.doc}" for name, f in OUTPUT_FORMATS.items()))
     p.add_argument("--generator", default=None, help="model name written into the file (default: model dir name)")
     add_generation_arguments(p, temperature=0.0, top_p=1.0,
                              temperature_help="0 = greedy; > 0 = seeded sampling")

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 from treg.errors import TregError
-from treg.io.fsutil import check_local_path  # noqa: F401  (re-exported for the stage CLIs)
 from treg.io.loading import DTYPES
 
 
@@ -62,21 +59,3 @@ def process_state(device: str | None = None):
     import torch
     from accelerate import PartialState
     return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
-
-
-def read_yaml_mapping(path: str, *, what: str = "config file") -> dict:
-    """A YAML file holding a mapping (``{}`` when empty); TregError on a missing file, bad YAML (with the
-    line) or a top level that is not a mapping."""
-    import yaml
-    p = Path(path)
-    if not p.is_file():
-        raise TregError(f"no such {what}", file=path)
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise TregError(f"invalid YAML{where}", file=path) from None
-    if not isinstance(data, dict):
-        raise TregError("expected a mapping of option: value", file=path)
-    return data

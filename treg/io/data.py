@@ -24,8 +24,7 @@ import torch
 
 from treg.errors import TregError
 from treg.io.meta import read_meta, save_dataset_atomic, tokenizer_fingerprint
-from treg.io.schema import (IDS, PROMPT, REF_COLUMNS, REF_SUM, REF_TOK, REQUIRED, REWARD_COLUMNS, REWARDS,  # noqa: F401
-                            SIDES, STAGE, required_columns)
+from treg.io.schema import IDS, PROMPT, REF_COLUMNS, REF_SUM, REF_TOK, REWARDS, SIDES, STAGE, required_columns
 
 logger = logging.getLogger(__name__)
 

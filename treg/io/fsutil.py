@@ -73,3 +73,21 @@ def check_local_path(path: str, field: str | None = None, *, what: str = "file o
     looks_local = p.startswith((".", "/", "~")) or p.count("/") > 1 or p.endswith((".json", ".jsonl", ".parquet"))
     if looks_local and not os.path.exists(os.path.expanduser(p)):
         raise TregError(f"no such {what}", file=p, field=field)
+
+
+def read_yaml_mapping(path: str, *, what: str = "config file") -> dict:
+    """A YAML file holding a mapping (``{}`` when empty); TregError on a missing file, bad YAML (with the
+    line) or a top level that is not a mapping."""
+    import yaml
+    p = Path(path)
+    if not p.is_file():
+        raise TregError(f"no such {what}", file=path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise TregError(f"invalid YAML{where}", file=path) from None
+    if not isinstance(data, dict):
+        raise TregError("expected a mapping of option: value", file=path)
+    return data

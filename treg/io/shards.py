@@ -154,6 +154,37 @@ class ShardedWriter:
         done = self.done_shards()
         return [i for i in range(self.rank, self.num_shards, self.world_size) if i not in done]
 
+    @classmethod
+    def for_rows(cls, out_dir, rows: list, *, shard_size: int, settings: dict, state=None, features=None,
+                 overwrite: bool = False) -> "ShardedWriter":
+        """The writer of a stage over ``rows`` in shards of ``shard_size`` (the plan every stage shares).
+
+        ``state``: anything with ``process_index``, ``num_processes`` and ``wait_for_everyone`` (e.g.
+        ``accelerate.PartialState()``); None = one process.
+        """
+        writer = cls(out_dir, settings=settings, num_shards=-(-len(rows) // shard_size), features=features,
+                     overwrite=overwrite, rank=getattr(state, "process_index", 0),
+                     world_size=getattr(state, "num_processes", 1),
+                     barrier=getattr(state, "wait_for_everyone", None))
+        writer.rows, writer.shard_size = rows, shard_size
+        return writer
+
+    def shard_rows(self, i: int) -> list:
+        """The input rows of shard ``i`` (a writer made by :meth:`for_rows`)."""
+        return self.rows[i * self.shard_size:(i + 1) * self.shard_size]
+
+    def pending_rows(self) -> int:
+        """How many input rows this process still has to do (for progress bars)."""
+        return sum(len(self.shard_rows(i)) for i in self.pending_shards())
+
+    def run(self, work: Callable[[int, list], list[dict]], *, after_shard: Callable[[int], None] | None = None) -> None:
+        """For each pending shard ``i`` in order: ``write(i, work(i, shard_rows(i)))``, then ``after_shard(i)``
+        (progress updates; tests simulate crashes there)."""
+        for i in self.pending_shards():
+            self.write(i, work(i, self.shard_rows(i)))
+            if after_shard is not None:
+                after_shard(i)
+
     def write(self, i: int, rows: list[dict]) -> None:
         """Write shard ``i`` atomically (temp file in the shard dir + os.replace)."""
         import pyarrow as pa

@@ -15,6 +15,8 @@ from typing import Callable
 import numpy as np
 
 PLAIN_REF = ("plain", "ref")  # every source: reference log-probs under the plain prompt x
+# Registry keys, named once for the code that picks a source by its role (the demo's ablation table)
+CONTRASTIVE, DPO_IMPLICIT, DPO_SFT = "contrastive", "dpo", "sft-chosen"
 
 
 def sigmoid_half(x: np.ndarray) -> np.ndarray:
@@ -63,13 +65,13 @@ def _sft_chosen(lp: dict, side: str, beta: float, n: int) -> np.ndarray:
 
 
 TOKEN_REWARD_SOURCES: dict[str, TokenRewardSource] = {
-    "contrastive": TokenRewardSource(
+    CONTRASTIVE: TokenRewardSource(
         doc="sigmoid(log p(y_t | x_better) - log p(y_t | x_worse)) - 0.5 with a contrastive template (the paper)",
         rule=_contrastive, scores=(("better", "ref"), ("worse", "ref")), needs_template=True),
-    "dpo": TokenRewardSource(
+    DPO_IMPLICIT: TokenRewardSource(
         doc="sigmoid(beta * (log pi_dpo(y_t) - log pi_ref(y_t))) - 0.5 from a trained DPO policy (ablation)",
         rule=_dpo, scores=(("plain", "dpo"),), needs_dpo_model=True, uses_beta=True),
-    "sft-chosen": TokenRewardSource(
+    DPO_SFT: TokenRewardSource(
         doc="+0.5 on every chosen token, 0 on rejected: DPO-SFT (ablation, use with weighting static)",
         rule=_sft_chosen),
 }

@@ -240,26 +240,26 @@ def annotate_to_disk(model, tokenizer, rows: list[PreferenceRow], out, *, cfg: A
     tok_fp = tokenizer_fingerprint(tokenizer)
     settings = {**cfg.settings(), **run_info, "tokenizer_fingerprint": tok_fp, "shard_size": shard_size,
                 "num_rows": len(rows), "data_hash": stable_hash([[r.prompt, r.chosen, r.rejected] for r in rows])}
-    num_shards = -(-len(rows) // shard_size)
-    writer = ShardedWriter(out, settings=settings, num_shards=num_shards, features=features(),
-                           overwrite=overwrite, rank=rank, world_size=world_size, barrier=barrier)
+    from types import SimpleNamespace
+    state = SimpleNamespace(process_index=rank, num_processes=world_size, wait_for_everyone=barrier)
+    writer = ShardedWriter.for_rows(out, rows, shard_size=shard_size, settings=settings, state=state,
+                                    features=features(), overwrite=overwrite)
     fmt = ChatFormat(tokenizer, use_chat_template=cfg.use_chat_template)
     pad_id = pad_token_id(tokenizer)
     todo = writer.pending_shards()
     if callable(model) and not isinstance(model, torch.nn.Module):
         model, dpo_model = model() if todo else (None, None)
-    bar = progress_bar(sum(len(rows[i * shard_size:(i + 1) * shard_size]) for i in todo),
-                       enabled=progress and rank == 0)
+    bar = progress_bar(writer.pending_rows(), enabled=progress and rank == 0)
     stats = Progress()
-    for i in todo:
-        chunk = rows[i * shard_size:(i + 1) * shard_size]
-        pairs = build_pairs(chunk, fmt, cfg)
-        writer.write(i, annotate_pairs(pairs, model, cfg, pad_id=pad_id, dpo_model=dpo_model, file=file,
-                                       progress=stats))
+
+    def work(i: int, chunk: list) -> list[dict]:
+        rows_out = annotate_pairs(build_pairs(chunk, fmt, cfg), model, cfg, pad_id=pad_id, dpo_model=dpo_model,
+                                  file=file, progress=stats)
         bar.update(len(chunk))
         bar.set_postfix_str(rate_text(stats))
-        if on_shard is not None:
-            on_shard(i)
+        return rows_out
+
+    writer.run(work, after_shard=on_shard)
     bar.close()
 
     def meta(ds) -> dict:

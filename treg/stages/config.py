@@ -168,7 +168,7 @@ def parse_config(argv: list[str], prog: str = "treg train", require: tuple[str, 
 
 def load_yaml(path: str) -> dict:
     """Read a YAML mapping of TRegConfig fields; TregError on a missing file, bad YAML or unknown key."""
-    from treg.cli.util import read_yaml_mapping
+    from treg.io.fsutil import read_yaml_mapping
     data = read_yaml_mapping(path)
     names = {f.name for f in dataclasses.fields(TRegConfig) if f.init}
     for key in data:

@@ -1,15 +1,7 @@
 """Benchmark output files and pairwise win rates.
 
-Output formats written by ``treg generate`` (one record per prompt):
-
-- ``alpaca_eval``: one JSON list ``[{"instruction", "output", "generator", "dataset"}]`` — what
-  AlpacaEval 2 reads as ``--model_outputs`` (its loader is ``pandas.read_json`` on the file).
-- ``arena_hard``: JSON Lines in Arena-Hard-Auto's model-answer schema (``gen_answer.py``):
-  ``{"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [{"content",
-  "token_len"}]}], "tstamp", "conv_metadata": {"token_len", "header_count", "list_count",
-  "bold_count"}}``. ``token_len`` counts tokens of *our* tokenizer (Arena-Hard uses tiktoken's
-  gpt-3.5 encoding; it only enters its optional style control).
-- ``jsonl``: ``{"prompt_id", "prompt", "output", "generator", "n_tokens", "finish_reason"}`` per line.
+Output formats written by ``treg generate`` are the entries of :data:`treg.io.formats.OUTPUT_FORMATS`
+(alpaca_eval, arena_hard, jsonl: one record per prompt).
 
 Win rates (:func:`win_rate_stats`): per paired prompt the outcome is 1 (A's score > B's), 0.5 (tie)
 or 0; the win rate is their mean, with a percentile-bootstrap 95% interval over prompts. The
@@ -24,8 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,63 +23,13 @@ import numpy as np
 
 from treg.errors import TregError
 from treg.io.fsutil import atomic_write_text
+from treg.io.formats import OUTPUT_FORMATS, format_records, prompt_text  # noqa: F401  (format_records: API)
 from treg.io.meta import stable_hash
 
-FORMATS = ("alpaca_eval", "arena_hard", "jsonl")
+FORMATS = tuple(OUTPUT_FORMATS)
 
 
 # --------------------------------------------------------------------------- writing
-
-def markdown_counts(text: str) -> dict:
-    """Markdown element counts in Arena-Hard's ``conv_metadata`` layout (code blocks excluded)."""
-    text = re.sub(r"```[^`]*```", "", text)
-    return {
-        "header_count": {f"h{k}": len(re.findall(rf"^#{{{k}}}\s", text, re.MULTILINE)) for k in range(1, 7)},
-        "list_count": {"ordered": len(re.findall(r"^\s*\d+\.\s", text, re.MULTILINE)),
-                       "unordered": len(re.findall(r"^\s*[-*+]\s", text, re.MULTILINE))},
-        "bold_count": {"**": len(re.findall(r"\*\*[^*\n]+\*\*", text)),
-                       "__": len(re.findall(r"__[^_\n]+__", text))},
-    }
-
-
-def prompt_text(prompt) -> str:
-    """The instruction text of a prompt: the string itself, or the last user message's content."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m.get("role") == "user"]
-    return users[-1] if users else str(prompt[-1]["content"])
-
-
-def format_records(records: Sequence[dict], fmt: str, generator: str) -> str:
-    """Serialise generated records into the text of a benchmark file.
-
-    Each record: ``prompt`` (str or messages), ``prompt_id`` (str), ``output`` (str), ``n_tokens``
-    (int), ``finish_reason`` (str) and optionally ``dataset`` (str, AlpacaEval's subset name).
-    """
-    if fmt == "alpaca_eval":
-        rows = [{"instruction": prompt_text(r["prompt"]), "output": r["output"], "generator": generator,
-                 "dataset": r.get("dataset") or "treg"} for r in records]
-        return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
-    if fmt == "arena_hard":
-        now = time.time()
-        lines = []
-        for r in records:
-            lines.append(json.dumps({
-                "question_id": r["prompt_id"],
-                "answer_id": stable_hash([generator, r["prompt_id"], r["output"]]),
-                "model_id": generator,
-                "choices": [{"index": 0, "turns": [{"content": r["output"], "token_len": r["n_tokens"]}]}],
-                "tstamp": now,
-                "conv_metadata": {"token_len": r["n_tokens"], **markdown_counts(r["output"])},
-            }, ensure_ascii=False))
-        return "\n".join(lines) + "\n"
-    if fmt == "jsonl":
-        return "".join(json.dumps({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "output": r["output"],
-                                   "generator": generator, "n_tokens": r["n_tokens"],
-                                   "finish_reason": r["finish_reason"]}, ensure_ascii=False) + "\n"
-                       for r in records)
-    raise TregError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
-
 
 def write_outputs(records: Sequence[dict], path: str, fmt: str, generator: str, meta: dict) -> None:
     """Write a benchmark file atomically, plus ``<path>.treg_meta.json`` (meta incl. fingerprint)."""
@@ -246,8 +186,7 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
                                stop_token_ids)
     if fmt not in FORMATS:
         raise TregError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}", field="format")
-    # alpaca_eval picks its reader by the suffix; Arena-Hard globs model_answer/*.jsonl
-    suffix = {"alpaca_eval": ".json", "arena_hard": ".jsonl"}.get(fmt)
+    suffix = OUTPUT_FORMATS[fmt].suffix  # the benchmark's loader reads the file by its suffix
     if suffix and not output.endswith(suffix):
         raise TregError(f"a --format {fmt} file must end in {suffix} (the benchmark's loader reads it by that name)",
                         file=output)

@@ -117,7 +117,7 @@ def _options(opts: dict, *, underscores: bool) -> list[str]:
 
 def load_config(path: str) -> dict:
     """Read and check the pipeline YAML (TregError names the file and key)."""
-    from treg.cli.util import read_yaml_mapping
+    from treg.io.fsutil import read_yaml_mapping
     cfg = read_yaml_mapping(path, what="pipeline config")
     known = {"workdir", "model", *SINGLE, "generate", "eval"}
     for key in cfg:

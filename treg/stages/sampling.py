@@ -25,7 +25,6 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from treg.io.fsutil import check_local_path
 from treg.io.loading import load_causal_lm, load_tokenizer, pad_token_id
 from treg.errors import TregError
 
@@ -328,10 +327,8 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
                 "prompts": stable_hash([(r.prompt_id, r.messages) for r in rows]), "n": n,
                 "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
                 "backend": backend, "shard_size": shard_size, "use_chat_template": use_chat_template}
-    num_shards = (len(rows) + shard_size - 1) // shard_size
-    writer = ShardedWriter(output, settings=settings, num_shards=num_shards, overwrite=overwrite,
-                           rank=state.process_index, world_size=state.num_processes,
-                           barrier=state.wait_for_everyone)
+    writer = ShardedWriter.for_rows(output, rows, shard_size=shard_size, settings=settings, state=state,
+                                    overwrite=overwrite)
     pending = writer.pending_shards()
     model = load_policy(model_path, dtype=dtype, device=state.device)[0] if pending and backend == "hf" else None
     llm = vllm_engine(model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size) \
@@ -339,10 +336,9 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
     bar = None
     if progress and pending and state.is_main_process:
         from tqdm.auto import tqdm
-        total = sum(len(rows[i * shard_size:(i + 1) * shard_size]) for i in pending) * n
-        bar = tqdm(total=total, desc="sample", unit="resp")
-    for i in pending:
-        shard = rows[i * shard_size:(i + 1) * shard_size]
+        bar = tqdm(total=writer.pending_rows() * n, desc="sample", unit="resp")
+
+    def work(i: int, shard: list) -> list[dict]:
         contexts = [chat.context_ids(r.messages) for r in shard for _ in range(n)]
         seeds = [row_seed(seed, r.prompt_id, j) for r in shard for j in range(n)]
         if backend == "hf":
@@ -361,9 +357,9 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
                              "prompt_id": r.prompt_id, "responses": [g["text"] for g in got],
                              "response_tokens": [g["n_tokens"] for g in got],
                              "finish_reasons": [g["finish_reason"] for g in got]})
-        writer.write(i, out_rows)
-        if after_shard is not None:
-            after_shard(i)
+        return out_rows
+
+    writer.run(work, after_shard=after_shard)
     if bar:
         bar.close()
     meta = {"stage": "sample", "model": model_path, "source": label, "n": n, "temperature": temperature,

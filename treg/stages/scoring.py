@@ -359,10 +359,8 @@ def score(samples: str, output: str, *, reward_model: str | None = None, reward_
     settings = {"stage": "score", "samples": in_fp, "reward": reward_fingerprint(reward_model, reward_fn),
                 "min_margin": min_margin, "shard_size": shard_size}
     state = PartialState()
-    num_shards = (len(rows) + shard_size - 1) // shard_size
-    writer = ShardedWriter(output, settings=settings, num_shards=num_shards, overwrite=overwrite,
-                           rank=state.process_index, world_size=state.num_processes,
-                           barrier=state.wait_for_everyone)
+    writer = ShardedWriter.for_rows(output, rows, shard_size=shard_size, settings=settings, state=state,
+                                    overwrite=overwrite)
     pending = writer.pending_shards()
     if pending:
         scorer, _ = make_scorer(reward_model=reward_model, reward_fn=reward_fn,
@@ -371,13 +369,13 @@ def score(samples: str, output: str, *, reward_model: str | None = None, reward_
         if progress and state.is_main_process:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(pending), desc="score", unit="shard")
-        for i in pending:
-            shard = rows[i * shard_size:(i + 1) * shard_size]
+
+        def work(i: int, shard: list) -> list[dict]:
             scores = score_rows(scorer, shard, label=label, is_fn=reward_fn is not None)
-            writer.write(i, [{"prompt": r["prompt"], "prompt_id": r["prompt_id"], "responses": r["responses"],
-                              "scores": s} for r, s in zip(shard, scores)])
-            if bar:
-                bar.update(1)
+            return [{"prompt": r["prompt"], "prompt_id": r["prompt_id"], "responses": r["responses"],
+                     "scores": s} for r, s in zip(shard, scores)]
+
+        writer.run(work, after_shard=(lambda i: bar.update(1)) if bar else None)
         if bar:
             bar.close()
     state.wait_for_everyone()

@@ -40,21 +40,21 @@ from pathlib import Path
 from treg.errors import TregError
 from treg.io.fsutil import atomic_write_text
 from treg.io.schema import IDS, REWARD_COLUMNS, REWARDS, SIDES, TEXT
-from treg.method.token_rewards import TOKEN_REWARD_SOURCES
+from treg.method.token_rewards import CONTRASTIVE, DPO_IMPLICIT, DPO_SFT, TOKEN_REWARD_SOURCES
 
 BASE = ("dpo", "dpo_reg")
 ABLATIONS = ("dpo_reg_static", "dpo_sft", "dpo_reg_dpo_reward", "simpo", "simpo_reg")
 METHODS = {
     "dpo": {"method": "dpo", "reg": None, "weighting": "sequence"},
-    "dpo_reg": {"method": "dpo", "reg": "contrastive", "weighting": "sequence"},
-    "dpo_reg_static": {"method": "dpo", "reg": "contrastive", "weighting": "static"},
-    "dpo_sft": {"method": "dpo", "reg": "sft-chosen", "weighting": "static"},
-    "dpo_reg_dpo_reward": {"method": "dpo", "reg": "dpo", "weighting": "sequence"},
+    "dpo_reg": {"method": "dpo", "reg": CONTRASTIVE, "weighting": "sequence"},
+    "dpo_reg_static": {"method": "dpo", "reg": CONTRASTIVE, "weighting": "static"},
+    "dpo_sft": {"method": "dpo", "reg": DPO_SFT, "weighting": "static"},
+    "dpo_reg_dpo_reward": {"method": "dpo", "reg": DPO_IMPLICIT, "weighting": "sequence"},
     "simpo": {"method": "simpo", "reg": None, "weighting": "sequence"},
-    "simpo_reg": {"method": "simpo", "reg": "contrastive", "weighting": "sequence"},
+    "simpo_reg": {"method": "simpo", "reg": CONTRASTIVE, "weighting": "sequence"},
 }
-ANNOTATED_SOURCE = "contrastive"  # the source prepare_data annotates with; others are derived per method
-DPO_REWARD_POLICY, DPO_REWARD_SOURCE = "dpo", "dpo"  # the demo method whose policy gives the 'dpo' source
+ANNOTATED_SOURCE = CONTRASTIVE  # the source prepare_data annotates with; others are derived per method
+DPO_REWARD_POLICY = "dpo"  # the demo method whose trained policy gives the DPO_IMPLICIT token rewards
 # beta / gamma per pairwise loss of PREFERENCE_LOSSES that the demo trains (from DemoConfig)
 LOSS_HYPERPARAMETERS = {
     "dpo": lambda cfg: {"beta": cfg.beta, "gamma": 0.0},
@@ -264,7 +264,7 @@ def _run(cfg: DemoConfig, ref, tok, out: Path, t0: float, workdir: str) -> dict:
                       f"length {s['length']:.2f}")
             if name == DPO_REWARD_POLICY:  # DPO-implicit token rewards of the trained DPO policy (METHOD.md §5)
                 dpo_ann = pipeline.annotate_pairs(ref, tok, [_pair_row(r) for r in dataset],
-                                                  source=DPO_REWARD_SOURCE, dpo_model=model, beta=cfg.beta)
+                                                  source=DPO_IMPLICIT, dpo_model=model, beta=cfg.beta)
                 if dpo_ann[IDS["chosen"]] != dataset[IDS["chosen"]]:
                     raise RuntimeError("DPO re-annotation does not align with the training pairs")
                 _write_jsonl(out / "tokens" / f"seed{seed}.jsonl", token_records(dataset, dpo_ann))
