@@ -207,7 +207,8 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
              temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 1024, seed: int = 0,
              batch_size: int = 16, prompt_column: str | None = None, split: str = "train",
              limit: int | None = None, dtype: str | None = None, use_chat_template: bool = True,
-             progress: bool = True, backend: str = "hf", tensor_parallel_size: int = 1) -> dict:
+             progress: bool = True, backend: str = "hf", tensor_parallel_size: int = 1,
+             gpu_memory_utilization: float | None = None, max_model_len: int | None = None) -> dict:
     """Run ``treg generate``: one response per prompt (greedy when ``temperature == 0``, else seeded
     sampling as in :mod:`treg.stages.sampling`), written as a benchmark file in ``fmt`` plus
     ``<output>.treg_meta.json``. Returns the meta."""
@@ -226,10 +227,11 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
         raise TregError("need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1, batch_size >= 1")
     rows, label = load_prompt_rows(prompts, prompt_column=prompt_column, split=split, limit=limit)
     if backend == "vllm":
-        import importlib.util
+        from treg.extras import available, install_hint
         from treg.stages.sampling import load_generation_config, load_tokenizer, vllm_engine, vllm_generate
-        if importlib.util.find_spec("vllm") is None:
-            raise TregError("--backend vllm needs the 'vllm' package; use --backend hf", field="backend")
+        if not available("vllm"):
+            raise TregError(f"--backend vllm needs the optional package 'vllm': {install_hint('vllm')}; or use "
+                            "--backend hf", field="backend")
         model, tokenizer = load_generation_config(model_path), load_tokenizer(model_path)
     else:
         model, tokenizer = load_policy(model_path, dtype=dtype)
@@ -238,19 +240,16 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
     seeds = [row_seed(seed, r.prompt_id, 0) for r in rows]
     stops = stop_token_ids(model, tokenizer, chat)
     if backend == "vllm":
-        llm = vllm_engine(model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
+        llm = vllm_engine(model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                          gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
         outs = vllm_generate(llm, contexts, seeds, stop_ids=stops, temperature=temperature, top_p=top_p,
                              max_new_tokens=max_new_tokens)
     else:
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(rows), desc="generate", unit="prompt")
-        outs = hf_generate(model, tokenizer, contexts, seeds, stop_ids=stops, temperature=temperature, top_p=top_p,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           progress=bar.update if bar else None)
-        if bar:
-            bar.close()
+        from treg.progress import progress_bar
+        with progress_bar(len(rows), "generate", "prompt", enabled=progress) as bar:
+            outs = hf_generate(model, tokenizer, contexts, seeds, stop_ids=stops, temperature=temperature,
+                               top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               progress=bar.update)
     generator = generator or Path(model_path.rstrip("/")).name
     records = [{"prompt": r.value if isinstance(r.value, str) else r.messages, "prompt_id": r.prompt_id,
                 "dataset": r.extra.get("dataset"), "output": o["text"], "n_tokens": o["n_tokens"],
@@ -291,7 +290,9 @@ def evaluate(outputs: str, baseline: str, *, judge: str | None = None, reward_fn
                                batch_size=batch_size)
     rows = [{"prompt": a[k]["prompt"], "responses": [a[k]["output"], b[k]["output"]], "row": i + 1}
             for i, k in enumerate(keys)]
-    scores = score_rows(scorer, rows, label=outputs, is_fn=reward_fn is not None)
+    from treg.progress import progress_bar
+    with progress_bar(2 * len(rows), "eval", "output", enabled=progress) as bar:
+        scores = score_rows(scorer, rows, label=outputs, is_fn=reward_fn is not None, progress=bar.update)
     stats = win_rate_stats([s[0] for s in scores], [s[1] for s in scores],
                            [len(a[k]["output"]) for k in keys], [len(b[k]["output"]) for k in keys],
                            n_boot=n_boot, seed=seed, lc_gamed=lc_gamed, lc_glm=lc_glm)
