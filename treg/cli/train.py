@@ -1,7 +1,8 @@
 """train DPO/SimPO with token-level reward regularization (T-REG) on an annotated dataset.
 
 ``treg train --config run.yaml [--alpha 0.25 ...]`` or all options on the command line; every
-TRegConfig field is an option (``treg train --help``). The data is validated against the model's
+TRegConfig field is an option (``treg train --help`` shows T-REG's and the most used ones,
+``--help-all`` all). The data is validated against the model's
 tokenizer before anything is written; at the end the model (or LoRA adapter) and tokenizer are
 saved to ``--output_dir`` and one summary line is printed. Multi-GPU / multi-node: run it under
 ``accelerate launch -m treg.cli train ...`` (see docs/training.md).
@@ -76,6 +77,11 @@ def shutdown() -> None:
 
 def main(argv: list[str]) -> int:
     from treg.stages.config import parse_config
+    if any(a in ("-h", "--help", "--help-all") for a in argv):
+        from treg.cli.train_help import render
+        from treg.stages.config import config_parser
+        print(render(config_parser("treg train"), full="--help-all" in argv), end="")
+        return 0
     config = parse_config(argv, prog="treg train", require=REQUIRED)
     from treg.io.data import load_annotated, truncate_pairs
 
