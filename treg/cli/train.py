@@ -46,20 +46,27 @@ def load_model(path: str, dtype: str, attn_implementation: str | None = None):
 
 
 def save_final(trainer, output_dir: str) -> None:
-    """Save model + tokenizer into a temp dir beside the checkpoints, then rename each file into place."""
+    """Save model + tokenizer into a temp dir beside the checkpoints, then rename each file into place;
+    with ``push_to_hub``, then upload those final files (only them) to the hub repository."""
     out = Path(output_dir)
     tmp = out / ".final-tmp"  # same path on every rank (DeepSpeed/FSDP saves are collective)
     if trainer.is_world_process_zero() and tmp.exists():
         shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))
+    # _internal_call: Trainer.save_model would otherwise push_to_hub here — re-saving into output_dir and
+    # uploading it with this temporary copy inside
+    trainer.save_model(str(tmp), _internal_call=True)
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
+        names = sorted(item.name for item in tmp.iterdir())
         for item in tmp.iterdir():
             dest = out / item.name
             if dest.is_dir() and item.is_dir():
                 shutil.rmtree(dest)
             os.replace(item, dest)
         shutil.rmtree(tmp, ignore_errors=True)
+        if trainer.args.push_to_hub:
+            from treg.stages.trainer import push_final
+            push_final(trainer, out, names)
 
 
 def shutdown() -> None:

@@ -78,6 +78,18 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def push_final(trainer, output_dir, names: list[str]) -> None:
+    """Upload the final model files ``names`` (top-level entries of ``output_dir``) to the repository
+    the Trainer created (``hub_model_id``), and nothing else of ``output_dir`` (no checkpoints, no
+    temporary copies). Waits for checkpoint pushes still running first."""
+    from huggingface_hub import upload_folder
+    trainer._finish_current_push()
+    allow = [p for n in names for p in (n, f"{n}/**")]
+    upload_folder(repo_id=trainer.hub_model_id, folder_path=str(output_dir), allow_patterns=allow,
+                  commit_message="End of training", token=trainer.args.hub_token,
+                  revision=trainer.args.hub_revision)
+
+
 def check_report_to(args) -> None:
     """A ``report_to`` integration, DeepSpeed or Liger kernels asked for but not installed is a user
     mistake (one line naming the extra that installs it), not a traceback."""
