@@ -18,6 +18,7 @@ from pathlib import Path
 from treg.errors import TregError
 
 REQUIRED = ("model_name_or_path", "dataset_path", "output_dir")
+HELP_FLAGS = ("-h", "--help", "--help-all")  # short grouped help / everything (treg.cli.train_help)
 
 
 def load_tokenizer(path: str):
@@ -84,7 +85,7 @@ def shutdown() -> None:
 
 def main(argv: list[str]) -> int:
     from treg.stages.config import parse_config
-    if any(a in ("-h", "--help", "--help-all") for a in argv):
+    if any(a in HELP_FLAGS for a in argv):
         from treg.cli.train_help import render
         from treg.stages.config import config_parser
         print(render(config_parser("treg train"), full="--help-all" in argv), end="")
