@@ -1,9 +1,9 @@
-"""Fingerprints of local paths hash the files' contents (treg.stages.sampling.path_fingerprint)."""
+"""Fingerprints of local paths hash the files' contents (treg.io.meta.path_fingerprint, re-exported by treg.stages.sampling)."""
 
 import os
 
-from treg.stages import sampling
-from treg.stages.sampling import path_fingerprint
+from treg.io import meta as sampling
+from treg.io.meta import path_fingerprint
 
 
 def _edit_keeping_stat(f, data: bytes):
