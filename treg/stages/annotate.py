@@ -234,8 +234,8 @@ def pad_token_id(tokenizer) -> int:
 
 
 def progress_bar(total: int, *, enabled: bool = True, desc: str = "annotate"):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, unit="pair", desc=desc, disable=not enabled, dynamic_ncols=True)
+    from treg import progress  # count, rate, ETA; quiet under --no-progress and off a terminal
+    return progress.progress_bar(total, desc, "pair", enabled=enabled)
 
 
 def rate_text(stats: Progress) -> str:
