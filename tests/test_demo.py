@@ -111,3 +111,12 @@ def test_rerun_replaces_previous_outputs(tmp_path):
     assert sorted(p.name for p in (out / "eval" / "dpo").iterdir()) == ["seed0.jsonl"]
     assert (out / "notes.txt").read_text() == "mine"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_report_without_matplotlib_says_which_extra(demo_run, monkeypatch, capsys):
+    from treg.toy.report import html_report
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as in a plain `pip install treg`
+    res = json.loads((demo_run / "results.json").read_text())
+    html = html_report(demo_run, res)
+    assert "data:image/png;base64," not in html and "pip install &#x27;treg[plots]&#x27;" in html
+    assert "treg[plots]" in capsys.readouterr().err

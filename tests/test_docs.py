@@ -75,6 +75,9 @@ def accepted_flags(command: str) -> set[str]:
         parser = getattr(module, "build_parser")
         parser = parser()
     flags, todo = set(), [parser]
+    if command == "train":  # read by treg.cli.train.main before the config parser
+        from treg.cli.train import HELP_FLAGS
+        flags.update(HELP_FLAGS)
     while todo:
         p = todo.pop()
         for action in p._actions:

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny import save_tiny_model  # noqa: E402
 
 from treg.cli import main as cli  # noqa: E402
-from treg.stages.evaluation import fit_logistic, length_controlled_win_rate, win_rate_stats  # noqa: E402
+from treg.stages.evaluation import win_rate_stats  # noqa: E402
 
 INSTRUCTIONS = ["Hello there", "What is a fox?", "Numbers like 12345", "Say hi"]
 
@@ -144,33 +144,6 @@ def test_win_rate_bootstrap_interval():
     se = 100 * np.sqrt(wr / 100 * (1 - wr / 100) / 400)  # binomial standard error
     assert r["ci95_low"] < wr < r["ci95_high"]
     assert r["ci95_high"] - r["ci95_low"] == pytest.approx(2 * 1.96 * se, rel=0.2)
-
-
-def test_logistic_fit_matches_sklearn():
-    sk = pytest.importorskip("sklearn.linear_model")
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=300)
-    y = (rng.random(300) < 1 / (1 + np.exp(-(0.4 + 1.3 * x)))).astype(float)
-    w = rng.uniform(0.2, 1.0, 300)
-    b0, b1 = fit_logistic(x, y, w)
-    ref = sk.LogisticRegression(C=1e8, tol=1e-10, max_iter=1000).fit(x[:, None], y, sample_weight=w)
-    assert b0 == pytest.approx(ref.intercept_[0], abs=1e-4) and b1 == pytest.approx(ref.coef_[0, 0], abs=1e-4)
-
-
-def test_length_controlled_win_rate_removes_length_bias():
-    rng = np.random.default_rng(2)
-    d = rng.normal(150, 200, 4000)  # length difference A - B in characters: A is longer on average
-    # a judge that only rewards length: at equal length A and B are equally good (true LC = 50%)
-    p = 1 / (1 + np.exp(-3 * np.tanh(d / d.std())))
-    outcome = (rng.random(len(d)) < p).astype(float)
-    lc, note = length_controlled_win_rate(outcome, d)
-    assert outcome.mean() > 0.65  # the raw win rate is inflated by length
-    assert abs(lc - 0.5) < 0.04 and "logistic" in note
-    # an honestly better model (+1 logit at equal length) keeps its advantage
-    better = (rng.random(len(d)) < 1 / (1 + np.exp(-(1 + 3 * np.tanh(d / d.std()))))).astype(float)
-    assert abs(length_controlled_win_rate(better, d)[0] - 1 / (1 + np.exp(-1))) < 0.04
-    ties = np.full(10, 0.5)
-    assert length_controlled_win_rate(ties, np.arange(10.0))[0] == pytest.approx(0.5, abs=1e-6)
 
 
 def test_alpaca_eval_path_is_not_faked(tmp_path, capsys, monkeypatch):

@@ -183,6 +183,19 @@ def test_vllm_backend_wiring_with_a_fake_engine(model_dir, prompts_file, tmp_pat
     rows = _rows(tmp_path / "v")
     assert rows[0]["responses"] == ["ok", "ok"] and rows[0]["response_tokens"] == [2, 2]
     assert set(rows[0]) == {"prompt", "prompt_id", "responses", "response_tokens", "finish_reasons"}  # as hf
+    # the engine's memory and context options are handed through (sample and generate)
+    assert cli(["sample", "--model", model_dir, "--prompts", prompts_file, "--output", str(tmp_path / "v2"),
+                "--n", "2", "--backend", "vllm", "--gpu-memory-utilization", "0.55", "--max-model-len", "4096",
+                "--no-progress"]) == 0
+    assert calls["init"] == {"model": model_dir, "dtype": "bfloat16", "tensor_parallel_size": 1,
+                             "gpu_memory_utilization": 0.55, "max_model_len": 4096}
+    assert cli(["generate", "--model", model_dir, "--prompts", prompts_file, "--output", str(tmp_path / "g.jsonl"),
+                "--backend", "vllm", "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.7",
+                "--max-model-len", "2048", "--no-progress"]) == 0
+    assert calls["init"] == {"model": model_dir, "dtype": "bfloat16", "tensor_parallel_size": 2,
+                             "gpu_memory_utilization": 0.7, "max_model_len": 2048}
+    assert cli(["sample", "--model", model_dir, "--prompts", prompts_file, "--output", str(tmp_path / "v3"),
+                "--n", "2", "--backend", "vllm", "--gpu-memory-utilization", "1.5", "--no-progress"]) == 2
 
 
 def test_gumbel_sampler_draws_from_the_top_p_softmax():

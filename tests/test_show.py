@@ -120,3 +120,53 @@ def test_cli_show_user_mistakes_one_line(annotated, tmp_path, capsys):
     assert cli(["show", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "empty dataset" in err
+
+
+def _quadratic_pieces(tokenizer, ids):
+    """The previous implementation (full decode of every prefix), as the reference."""
+    pieces, prev = [], ""
+    for k in range(len(ids)):
+        text = tokenizer.decode(list(ids[:k + 1]), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if text.endswith("\ufffd") or not text.startswith(prev):
+            pieces.append("")
+            continue
+        pieces.append(text[len(prev):])
+        prev = text
+    return pieces
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-style (Metaspace, '▁' for spaces, no leading space on decode) fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog. café déjà vu"] * 20,
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", *bytes_],
+                                                show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["llama3", "metaspace"])
+def test_token_pieces_linear_and_equal_to_full_decoding(kind):
+    tok = tiny_tokenizer("llama3") if kind == "llama3" else _metaspace_tokenizer()
+    text = " ".join(["The quick brown fox, café 🙂 déjà\n  vu 12345 日本語 — x"] * 60)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1000
+    calls = []
+    real = tok.decode
+
+    def counting(part, **kw):
+        calls.append(len(part))
+        return real(part, **kw)
+
+    tok.decode = counting
+    pieces = token_pieces(tok, ids)
+    work = sum(calls)
+    calls.clear()
+    assert pieces == _quadratic_pieces(tok, ids)  # the same pieces as decoding every prefix
+    assert "".join(pieces) == real(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    assert work <= 12 * len(ids), work  # linear: a few tokens decoded per token (was ~len(ids)^2 / 2)
+    assert sum(calls) > 100 * len(ids)

@@ -124,16 +124,30 @@ def test_config_mistakes_are_one_line_errors(tmp_path, model_dir, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_help_lists_every_field_with_its_help(capsys):
+def test_help_is_short_grouped_and_help_all_lists_every_field(capsys):
     import dataclasses
+    import re
+    from transformers import TrainingArguments
     from treg.stages.config import TRegConfig
-    with pytest.raises(SystemExit) as done:
-        main(["train", "--help"])
-    assert done.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
+    assert main(["train", "--help"]) == 0
+    short = capsys.readouterr().out
+    assert len(short.splitlines()) < 120
+    text = " ".join(short.split())
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    own = [f for f in dataclasses.fields(TRegConfig) if f.init and f.name not in base and not f.name.startswith("_")]
+    for f in own:  # every T-REG field, with its whole help text
+        assert f"--{f.name}" in text, f.name
+        assert " ".join(f.metadata["help"].split())[:60] in text, f.name
+    for name in ("output_dir", "per_device_train_batch_size", "learning_rate", "num_train_epochs", "bf16",
+                 "gradient_accumulation_steps", "report_to", "push_to_hub", "save_steps"):
+        assert f"--{name} " in short, name
+    assert "Method (T-REG):" in short and "`treg train --help-all`" in short.splitlines()[-1]
+    assert "--torch_compile_mode" not in short and "\n  --no_" not in short
+    assert main(["train", "--help-all"]) == 0
+    full = capsys.readouterr().out
     for f in dataclasses.fields(TRegConfig):
         if f.init and not f.name.startswith("_"):
-            assert f"--{f.name}" in text, f.name
-    for name in ("alpha", "weighting", "precompute_ref_log_probs", "logprob_chunk_size", "lora_r"):
-        help_text = " ".join(next(f for f in dataclasses.fields(TRegConfig) if f.name == name).metadata["help"].split())
-        assert help_text[:40] in text, name
+            assert re.search(rf"^  --{f.name}\b", full, re.MULTILINE), f.name
+    for entry in re.split(r"\n  --", full):  # one option per entry, its default said at most once
+        assert entry.count("(default:") <= 1, entry
+        assert not re.match(r"[\w]+ .*, --", entry.splitlines()[0]), entry  # no dash-spelled alias repeated

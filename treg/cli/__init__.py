@@ -31,7 +31,19 @@ def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: treg <command> [options]   (treg <command> --help for its options)", "", "commands:"]
     lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", f"documentation: {docs_dir()} (Markdown: training.md, evaluation.md, ...)"]
     return "\n".join(lines)
+
+
+def docs_dir() -> str:
+    """Where the Markdown docs are: ``treg/docs`` in an installed package (copied there at build time,
+    see setup.py), else the source checkout's ``docs/`` (editable install / running from the repo)."""
+    from pathlib import Path
+    pkg = Path(__file__).resolve().parent.parent
+    for d in (pkg / "docs", pkg.parent / "docs"):
+        if (d / "training.md").is_file():
+            return str(d)
+    return "docs/ in the treg source distribution"
 
 
 def main(argv: list[str] | None = None) -> int:

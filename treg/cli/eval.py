@@ -1,5 +1,5 @@
 """win rate of outputs over a baseline under a judge (reward model or function), with a bootstrap
-95% interval and a length-controlled win rate (method: docs/evaluation.md)."""
+95% interval and AlpacaEval 0.6.6's length-controlled win rate (method: docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--allow-unpaired", action="store_true", help="compare the instructions both files share "
                    "(default: different instruction sets are an error)")
+    p.add_argument("--lc-gamed", default=None, metavar="DF_GAMED_CSV",
+                   help="AlpacaEval's df_gamed.csv (hub dataset tatsu-lab/alpaca_eval): instruction difficulty and "
+                   "gamed-baseline annotations for its length_controlled_v1 LC; the --outputs file must then list "
+                   "AlpacaEval's 805 instructions in its order. Without it (offline): length_controlled_minimal")
+    p.add_argument("--lc-glm", default=None, choices=["length_controlled_v1", "length_controlled_noreg",
+                                                       "length_controlled_minimal"],
+                   help="AlpacaEval GLM for the LC win rate (default: v1 with --lc-gamed, else minimal)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while the judge scores")
     p.add_argument("--report", default=None, help="also write the result as JSON here")
     return p
 
@@ -40,7 +48,11 @@ def print_report(r: dict) -> None:
     t.add_row("paired prompts", str(r["n"]))
     t.add_row("wins / ties / losses", f"{r['wins']} / {r['ties']} / {r['losses']}")
     t.add_row("win rate %", f"{r['win_rate']:.1f}  [{r['ci95_low']:.1f}, {r['ci95_high']:.1f}] 95% CI")
-    t.add_row("LC win rate %", f"{r['lc_win_rate']:.1f}  ({r['lc_note']})")
+    t.add_row("standard error %", f"{r['standard_error']:.2f}")
+    if r["lc_win_rate"] is None:
+        t.add_row("LC win rate %", f"n/a ({r['lc_note']})")
+    else:
+        t.add_row("LC win rate %", f"{r['lc_win_rate']:.1f} ± {r['lc_standard_error']:.2f} SE  ({r['lc_note']})")
     t.add_row("mean chars (outputs / baseline)", f"{r['mean_chars_a']:.0f} / {r['mean_chars_b']:.0f}")
     t.add_row("mean score (outputs / baseline)", f"{r['mean_score_a']:.4g} / {r['mean_score_b']:.4g}")
     if r["unpaired_outputs"] or r["unpaired_baseline"]:
@@ -62,7 +74,8 @@ def main(argv: list[str]) -> int:
     r = evaluate(args.outputs, args.baseline, judge=args.judge, reward_fn=args.reward_fn,
                  trust_remote_code=args.trust_remote_code, questions=args.questions,
                  batch_size=args.batch_size, n_boot=args.bootstrap, seed=args.seed,
-                 allow_unpaired=args.allow_unpaired)
+                 allow_unpaired=args.allow_unpaired, lc_gamed=args.lc_gamed, lc_glm=args.lc_glm,
+                 progress=not args.no_progress)
     print_report(r)
     if args.report:
         atomic_write_text(args.report, json.dumps(r, indent=2) + "\n")

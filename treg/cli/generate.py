@@ -31,7 +31,8 @@ def main(argv: list[str]) -> int:
                     seed=args.seed, batch_size=args.batch_size, prompt_column=args.prompt_column,
                     split=args.split, limit=args.limit, dtype=args.dtype,
                     use_chat_template=not args.no_chat_template, progress=not args.no_progress,
-                    backend=args.backend, tensor_parallel_size=args.tensor_parallel_size)
+                    backend=args.backend, tensor_parallel_size=args.tensor_parallel_size,
+                    gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
     print(f"treg generate: {meta['prompts']} outputs ({meta['truncated']} hit --max-new-tokens) -> "
           f"{args.output} [{args.format}]")
     return 0

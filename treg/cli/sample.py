@@ -33,7 +33,8 @@ def main(argv: list[str]) -> int:
                   shard_size=args.shard_size, overwrite=args.overwrite,
                   use_chat_template=not args.no_chat_template, dtype=args.dtype, limit=args.limit,
                   progress=not args.no_progress, dedupe=args.dedupe,
-                  tensor_parallel_size=args.tensor_parallel_size)
+                  tensor_parallel_size=args.tensor_parallel_size,
+                  gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
     if state.is_main_process:
         procs = f" on {state.num_processes} processes" if state.num_processes > 1 else ""
         print(f"treg sample: {meta['prompts']} prompts x {meta['n']} responses -> {args.output}{procs}")

@@ -1,7 +1,8 @@
 """train DPO/SimPO with token-level reward regularization (T-REG) on an annotated dataset.
 
 ``treg train --config run.yaml [--alpha 0.25 ...]`` or all options on the command line; every
-TRegConfig field is an option (``treg train --help``). The data is validated against the model's
+TRegConfig field is an option (``treg train --help`` shows T-REG's and the most used ones,
+``--help-all`` all). The data is validated against the model's
 tokenizer before anything is written; at the end the model (or LoRA adapter) and tokenizer are
 saved to ``--output_dir`` and one summary line is printed. Multi-GPU / multi-node: run it under
 ``accelerate launch -m treg.cli train ...`` (see docs/training.md).
@@ -15,23 +16,31 @@ import time
 from pathlib import Path
 
 REQUIRED = ("model_name_or_path", "dataset_path", "output_dir")
+HELP_FLAGS = ("-h", "--help", "--help-all")  # short grouped help / everything (treg.cli.train_help)
 
 
 def save_final(trainer, output_dir: str) -> None:
-    """Save model + tokenizer into a temp dir beside the checkpoints, then rename each file into place."""
+    """Save model + tokenizer into a temp dir beside the checkpoints, then rename each file into place;
+    with ``push_to_hub``, then upload those final files (only them) to the hub repository."""
     out = Path(output_dir)
     tmp = out / ".final-tmp"  # same path on every rank (DeepSpeed/FSDP saves are collective)
     if trainer.is_world_process_zero() and tmp.exists():
         shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))
+    # _internal_call: Trainer.save_model would otherwise push_to_hub here — re-saving into output_dir and
+    # uploading it with this temporary copy inside
+    trainer.save_model(str(tmp), _internal_call=True)
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
+        names = sorted(item.name for item in tmp.iterdir())
         for item in tmp.iterdir():
             dest = out / item.name
             if dest.is_dir() and item.is_dir():
                 shutil.rmtree(dest)
             os.replace(item, dest)
         shutil.rmtree(tmp, ignore_errors=True)
+        if trainer.args.push_to_hub:
+            from treg.stages.trainer import push_final
+            push_final(trainer, out, names)
 
 
 def shutdown() -> None:
@@ -49,6 +58,11 @@ def shutdown() -> None:
 
 def main(argv: list[str]) -> int:
     from treg.stages.config import parse_config
+    if any(a in HELP_FLAGS for a in argv):
+        from treg.cli.train_help import render
+        from treg.stages.config import config_parser
+        print(render(config_parser("treg train"), full="--help-all" in argv), end="")
+        return 0
     config = parse_config(argv, prog="treg train", require=REQUIRED)
     from treg.io.data import load_annotated, truncate_pairs
 

@@ -27,6 +27,10 @@ def add_generation_arguments(p: argparse.ArgumentParser, *, temperature: float, 
                    help="hf: batched transformers generate (CPU/CUDA); vllm: needs the vllm package")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="GPUs of the one vLLM engine (vllm backend; e.g. 8 on an 8-GPU node)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="fraction of each GPU's memory vLLM may take (vllm backend; default: vLLM's, 0.9)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="vLLM context length: prompt + response tokens (vllm backend; default: the model's)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (hf backend)")
     p.add_argument("--prompt-column", default=None,
                    help="prompt column (default: first of prompt, messages, instruction, turns)")
@@ -36,7 +40,8 @@ def add_generation_arguments(p: argparse.ArgumentParser, *, temperature: float, 
                    help="model dtype; auto: bfloat16 on a GPU that supports it, else float32")
     p.add_argument("--no-chat-template", action="store_true",
                    help="plain 'Role:' text format instead of the tokenizer's chat template")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
+                   "a terminal)")
 
 
 def check_device(device: str, field: str = "device") -> None:

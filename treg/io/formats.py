@@ -9,8 +9,8 @@
   ``{"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [{"content",
   "token_len"}]}], "tstamp", "conv_metadata": {"token_len", "header_count", "list_count",
   "bold_count"}}``. ``token_len`` counts tokens of *our* tokenizer (Arena-Hard uses tiktoken's
-  gpt-3.5 encoding; it only enters its optional style control). Arena-Hard names the model by
-  ``model_id`` (the ``--generator``), not by the file name.
+  gpt-3.5 encoding; it only enters its optional style control). Arena-Hard v0.1's
+  ``load_model_answers`` names the model by the file name, so write ``model_answer/<generator>.jsonl``.
 - ``jsonl``: ``{"prompt_id", "prompt", "output", "generator", "n_tokens", "finish_reason"}`` per line.
 
 Each record given to a renderer: ``prompt`` (str or messages), ``prompt_id`` (str), ``output`` (str),
@@ -89,7 +89,7 @@ class OutputFormat:
 
 OUTPUT_FORMATS: dict[str, OutputFormat] = {
     "alpaca_eval": OutputFormat("AlpacaEval 2 --model_outputs: one JSON list", _alpaca_eval, ".json"),
-    "arena_hard": OutputFormat("Arena-Hard-Auto model_answer/<model>.jsonl (model_id = --generator)",
+    "arena_hard": OutputFormat("Arena-Hard-Auto v0.1 model_answer/<generator>.jsonl (named by the file)",
                                _arena_hard, ".jsonl"),
     "jsonl": OutputFormat("treg's rows: prompt_id, prompt, output, generator, n_tokens, finish_reason", _jsonl),
 }

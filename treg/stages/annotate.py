@@ -207,8 +207,8 @@ def make_config(*, template, source, beta, max_length, batch_tokens, use_chat_te
 
 
 def progress_bar(total: int, *, enabled: bool = True, desc: str = "annotate"):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, unit="pair", desc=desc, disable=not enabled, dynamic_ncols=True)
+    from treg import progress  # count, rate, ETA; quiet under --no-progress and off a terminal
+    return progress.progress_bar(total, desc, "pair", enabled=enabled)
 
 
 def rate_text(stats: Progress) -> str:

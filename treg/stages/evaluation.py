@@ -4,17 +4,14 @@ Output formats written by ``treg generate`` are the entries of :data:`treg.io.fo
 (alpaca_eval, arena_hard, jsonl: one record per prompt).
 
 Win rates (:func:`win_rate_stats`): per paired prompt the outcome is 1 (A's score > B's), 0.5 (tie)
-or 0; the win rate is their mean, with a percentile-bootstrap 95% interval over prompts. The
-length-controlled win rate fits ``P(A wins) = sigmoid(b0 + b1 * tanh(d / sd(d)))`` with ``d`` the
-difference of output lengths in characters (A - B), by maximum likelihood (Newton's method, ties as
-two half-weighted observations), and reports ``sigmoid(b0)``: the predicted win rate at zero length
-difference. This follows the length term of AlpacaEval-LC's GLM, without its per-instruction terms.
+or 0; the win rate is their mean (AlpacaEval's ``win_rate``; its ``discrete_win_rate`` is the same for
+these discrete outcomes), with its standard error and a percentile-bootstrap 95% interval over prompts.
+The length-controlled win rate is AlpacaEval 0.6.6's (:mod:`treg.stages.lc`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -116,56 +113,30 @@ def _read_questions(path: str) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- statistics
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, *, iters: int = 50) -> tuple[float, float]:
-    """Weighted maximum-likelihood logistic regression ``P(y=1) = sigmoid(b0 + b1 x)`` by Newton's
-    method (a tiny ridge of 1e-6 keeps the Hessian invertible). Returns ``(b0, b1)``."""
-    X = np.stack([np.ones_like(x), x], axis=1)
-    b = np.zeros(2)
-    for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(X @ b)))
-        grad = X.T @ (w * (y - p)) - 1e-6 * b
-        hess = (X * (w * p * (1 - p))[:, None]).T @ X + 1e-6 * np.eye(2)
-        step = np.linalg.solve(hess, grad)
-        b = b + step
-        if np.max(np.abs(step)) < 1e-10:
-            break
-    return float(b[0]), float(b[1])
-
-
-def length_controlled_win_rate(outcome: np.ndarray, len_diff: np.ndarray) -> tuple[float, str]:
-    """Win rate at zero length difference (see module docstring). Returns ``(rate, note)``; when every
-    outcome is the same (no contrast to fit) the raw win rate is returned and the note says so."""
-    outcome = np.asarray(outcome, dtype=float)
-    if np.all(outcome == outcome[0]) and outcome[0] in (0.0, 1.0):
-        return float(outcome.mean()), "all outcomes equal: LC = raw win rate"
-    sd = float(np.std(len_diff, ddof=1)) if len(len_diff) > 1 else 0.0  # pandas' .std(), as AlpacaEval
-    x = np.tanh(np.asarray(len_diff, float) / sd) if sd > 0 else np.zeros(len(outcome))
-    # a tie counts as half a win and half a loss: two observations of weight 0.5
-    xs = np.concatenate([x, x])
-    ys = np.concatenate([np.ones_like(outcome), np.zeros_like(outcome)])
-    ws = np.concatenate([outcome, 1.0 - outcome])
-    b0, _ = fit_logistic(xs, ys, ws)
-    return 1.0 / (1.0 + math.exp(-b0)), "logistic fit on tanh(length diff / sd)"
-
-
 def win_rate_stats(scores_a: Sequence[float], scores_b: Sequence[float], len_a: Sequence[int],
-                   len_b: Sequence[int], *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Paired win rate of A over B with a bootstrap 95% interval and the length-controlled rate.
+                   len_b: Sequence[int], *, n_boot: int = 2000, seed: int = 0, lc_gamed: str | None = None,
+                   lc_glm: str | None = None) -> dict[str, Any]:
+    """Paired win rate of A (the model) over B (the baseline) with a bootstrap 95% interval and
+    AlpacaEval's length-controlled rate (``lc_gamed``: its ``df_gamed.csv``; ``lc_glm``: see
+    :func:`treg.stages.lc.lc_win_rate`).
 
-    All inputs are aligned per prompt (equal length n >= 1). Rates are percentages.
+    All inputs are aligned per prompt (equal length n >= 1), in the order of A's file (the position
+    indexes AlpacaEval's instruction difficulty). Rates are percentages.
     """
+    from treg.stages.lc import lc_win_rate, read_gamed
     a, b = np.asarray(scores_a, float), np.asarray(scores_b, float)
     if len(a) == 0:
         raise TregError("no paired prompts to compare")
     outcome = np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
     rng = np.random.default_rng(seed)
     boots = outcome[rng.integers(0, len(outcome), size=(n_boot, len(outcome)))].mean(axis=1)
-    lc, note = length_controlled_win_rate(outcome, np.asarray(len_a, float) - np.asarray(len_b, float))
+    lc = lc_win_rate(outcome, len_a, len_b, gamed=read_gamed(lc_gamed) if lc_gamed else None, glm=lc_glm)
+    sem = float(np.std(outcome, ddof=1) / np.sqrt(len(outcome))) if len(outcome) > 1 else float("nan")
     return {"n": int(len(a)), "wins": int((outcome == 1).sum()), "ties": int((outcome == 0.5).sum()),
             "losses": int((outcome == 0).sum()), "win_rate": 100 * float(outcome.mean()),
+            "discrete_win_rate": 100 * float(outcome.mean()), "standard_error": 100 * sem,
             "ci95_low": 100 * float(np.percentile(boots, 2.5)),
-            "ci95_high": 100 * float(np.percentile(boots, 97.5)),
-            "lc_win_rate": 100 * lc, "lc_note": note,
+            "ci95_high": 100 * float(np.percentile(boots, 97.5)), **lc,
             "mean_chars_a": float(np.mean(len_a)), "mean_chars_b": float(np.mean(len_b)),
             "mean_score_a": float(a.mean()), "mean_score_b": float(b.mean())}
 
@@ -176,7 +147,8 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
              temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 1024, seed: int = 0,
              batch_size: int = 16, prompt_column: str | None = None, split: str = "train",
              limit: int | None = None, dtype: str | None = None, use_chat_template: bool = True,
-             progress: bool = True, backend: str = "hf", tensor_parallel_size: int = 1) -> dict:
+             progress: bool = True, backend: str = "hf", tensor_parallel_size: int = 1,
+             gpu_memory_utilization: float | None = None, max_model_len: int | None = None) -> dict:
     """Run ``treg generate``: one response per prompt (greedy when ``temperature == 0``, else seeded
     sampling as in :mod:`treg.stages.sampling`), written as a benchmark file in ``fmt`` plus
     ``<output>.treg_meta.json``. Returns the meta."""
@@ -194,11 +166,12 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
         raise TregError("need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1, batch_size >= 1")
     rows, label = load_prompt_rows(prompts, prompt_column=prompt_column, split=split, limit=limit)
     if backend == "vllm":
-        import importlib.util
+        from treg.extras import available, install_hint
         from treg.io.loading import load_tokenizer
         from treg.stages.sampling import load_generation_config, vllm_engine, vllm_generate
-        if importlib.util.find_spec("vllm") is None:
-            raise TregError("--backend vllm needs the 'vllm' package; use --backend hf", field="backend")
+        if not available("vllm"):
+            raise TregError(f"--backend vllm needs the optional package 'vllm': {install_hint('vllm')}; or use "
+                            "--backend hf", field="backend")
         model, tokenizer = load_generation_config(model_path), load_tokenizer(model_path)
     else:
         model, tokenizer = load_policy(model_path, dtype=dtype)
@@ -207,19 +180,16 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
     seeds = [row_seed(seed, r.prompt_id, 0) for r in rows]
     stops = stop_token_ids(model, tokenizer, chat)
     if backend == "vllm":
-        llm = vllm_engine(model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
+        llm = vllm_engine(model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                          gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
         outs = vllm_generate(llm, contexts, seeds, stop_ids=stops, temperature=temperature, top_p=top_p,
                              max_new_tokens=max_new_tokens)
     else:
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(rows), desc="generate", unit="prompt")
-        outs = hf_generate(model, tokenizer, contexts, seeds, stop_ids=stops, temperature=temperature, top_p=top_p,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           progress=bar.update if bar else None)
-        if bar:
-            bar.close()
+        from treg.progress import progress_bar
+        with progress_bar(len(rows), "generate", "prompt", enabled=progress) as bar:
+            outs = hf_generate(model, tokenizer, contexts, seeds, stop_ids=stops, temperature=temperature,
+                               top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               progress=bar.update)
     generator = generator or Path(model_path.rstrip("/")).name
     records = [{"prompt": r.value if isinstance(r.value, str) else r.messages, "prompt_id": r.prompt_id,
                 "dataset": r.extra.get("dataset"), "output": o["text"], "n_tokens": o["n_tokens"],
@@ -238,7 +208,8 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
 
 def evaluate(outputs: str, baseline: str, *, judge: str | None = None, reward_fn: str | None = None,
              trust_remote_code: bool = False, questions: str | None = None, batch_size: int = 8,
-             n_boot: int = 2000, seed: int = 0, allow_unpaired: bool = False) -> dict:
+             n_boot: int = 2000, seed: int = 0, allow_unpaired: bool = False, lc_gamed: str | None = None,
+             lc_glm: str | None = None, progress: bool = True) -> dict:
     """Run ``treg eval``: score both files' outputs with one judge, pair them by instruction (or
     Arena-Hard ``question_id``) and return :func:`win_rate_stats` plus pairing counts.
 
@@ -259,10 +230,12 @@ def evaluate(outputs: str, baseline: str, *, judge: str | None = None, reward_fn
                                batch_size=batch_size)
     rows = [{"prompt": a[k]["prompt"], "responses": [a[k]["output"], b[k]["output"]], "row": i + 1}
             for i, k in enumerate(keys)]
-    scores = score_rows(scorer, rows, label=outputs, is_fn=reward_fn is not None)
+    from treg.progress import progress_bar
+    with progress_bar(2 * len(rows), "eval", "output", enabled=progress) as bar:
+        scores = score_rows(scorer, rows, label=outputs, is_fn=reward_fn is not None, progress=bar.update)
     stats = win_rate_stats([s[0] for s in scores], [s[1] for s in scores],
                            [len(a[k]["output"]) for k in keys], [len(b[k]["output"]) for k in keys],
-                           n_boot=n_boot, seed=seed)
+                           n_boot=n_boot, seed=seed, lc_gamed=lc_gamed, lc_glm=lc_glm)
     return {"outputs": outputs, "baseline": baseline, "judge": desc, "unpaired_outputs": len(a) - len(keys),
             "unpaired_baseline": len(b) - len(keys), **stats}
 

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 from treg.io.loading import load_causal_lm, load_tokenizer, pad_token_id
 from treg.errors import TregError
+from treg.io.meta import path_fingerprint  # noqa: F401  (re-exported: stages import it from here)
 
 PROMPT_COLUMNS = ("prompt", "messages", "instruction", "turns")
 ID_COLUMNS = ("prompt_id", "question_id", "uid", "id")  # uid: Arena-Hard v2 question files
@@ -219,15 +220,22 @@ def hf_generate(model, tokenizer, contexts: Sequence[list[int]], seeds: Sequence
     return results
 
 
-def vllm_engine(model_path: str, *, dtype: str | None = None, tensor_parallel_size: int = 1):
-    """A ``vllm.LLM`` for ``model_path`` (bf16 by default; ``tensor_parallel_size`` GPUs). The vLLM path
-    is not run in this project (no GPU / vllm in CI)."""
-    try:
-        from vllm import LLM
-    except ImportError:
-        raise TregError("--backend vllm needs the 'vllm' package (pip install vllm); use --backend hf") from None
-    dtype = "bfloat16" if dtype in (None, "auto") else dtype  # vLLM runs on a GPU: auto means bf16
-    return LLM(model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
+def vllm_engine(model_path: str, *, dtype: str | None = None, tensor_parallel_size: int = 1,
+                gpu_memory_utilization: float | None = None, max_model_len: int | None = None):
+    """A ``vllm.LLM`` for ``model_path`` (bf16 by default; ``tensor_parallel_size`` GPUs;
+    ``gpu_memory_utilization`` and ``max_model_len`` passed to vLLM when given, else vLLM's defaults).
+    The vLLM path is not run in this project (no GPU / vllm in CI)."""
+    from treg.extras import require
+    vllm = require("vllm", what="--backend vllm")
+    if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+        raise TregError("--gpu-memory-utilization must be in (0, 1]", field="gpu_memory_utilization")
+    if max_model_len is not None and max_model_len < 1:
+        raise TregError("--max-model-len must be >= 1", field="max_model_len")
+    if tensor_parallel_size < 1:
+        raise TregError("--tensor-parallel-size must be >= 1", field="tensor_parallel_size")
+    extra = {k: v for k, v in (("gpu_memory_utilization", gpu_memory_utilization),
+                               ("max_model_len", max_model_len)) if v is not None}
+    return vllm.LLM(model=model_path, dtype="bfloat16" if dtype in (None, "auto") else dtype, tensor_parallel_size=tensor_parallel_size, **extra)
 
 
 def vllm_generate(llm, contexts: Sequence[list[int]], seeds: Sequence[int], *, stop_ids: list[int],
@@ -250,18 +258,6 @@ def vllm_generate(llm, contexts: Sequence[list[int]], seeds: Sequence[int], *, s
 
 # --------------------------------------------------------------------------- the `treg sample` run
 
-def path_fingerprint(path: str) -> str:
-    """Identity of a model / file / directory for stage fingerprints: for local paths the names, sizes
-    and modification times of its files (a model retrained in place changes it); else the name."""
-    import os
-    from pathlib import Path
-    from treg.io.meta import stable_hash
-    p = Path(path)
-    if not p.exists():
-        return stable_hash({"name": str(path)})
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and ".shards" not in f.parts)
-    return stable_hash([(str(f.relative_to(p)) if f != p else f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                        for f in files if not f.name.startswith(".")] or [os.fspath(p)])
 
 
 def load_generation_config(model_path: str):
@@ -287,14 +283,16 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
            batch_size: int = 16, prompt_column: str | None = None, split: str = "train",
            shard_size: int = 64, overwrite: bool = False, use_chat_template: bool = True,
            dtype: str | None = None, limit: int | None = None, progress: bool = True,
-           after_shard=None, dedupe: bool = False, tensor_parallel_size: int = 1) -> dict:
+           after_shard=None, dedupe: bool = False, tensor_parallel_size: int = 1,
+           gpu_memory_utilization: float | None = None, max_model_len: int | None = None) -> dict:
     """Run ``treg sample`` (see module docstring); returns the meta written beside the dataset.
 
     Resumable: shards of ``shard_size`` prompts are written atomically under ``output/.shards``; a
     rerun with the same settings continues, with other settings it is refused unless ``overwrite``.
     Under ``accelerate launch`` each process samples the shards ``i % world == rank`` (hf backend).
     ``after_shard(i)`` is called after each shard is written (tests record the resumed shards with it).
-    ``tensor_parallel_size``: GPUs of the one vLLM engine (vllm backend).
+    ``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``: the one vLLM engine's
+    settings (vllm backend; see :func:`vllm_engine`).
     """
     from accelerate import PartialState
     from treg.io.chat import ChatFormat
@@ -312,10 +310,10 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
     rows, label = load_prompt_rows(prompts, prompt_column=prompt_column, split=split, limit=limit, dedupe=dedupe)
     state = PartialState()
     if backend == "vllm":
-        import importlib.util
-        if importlib.util.find_spec("vllm") is None:
-            raise TregError("--backend vllm needs the 'vllm' package (pip install vllm); use --backend hf",
-                            field="backend")
+        from treg.extras import available, install_hint
+        if not available("vllm"):
+            raise TregError(f"--backend vllm needs the optional package 'vllm': {install_hint('vllm')}; or use "
+                            "--backend hf", field="backend")
         if state.num_processes > 1:
             raise TregError("--backend vllm runs as one process (use --tensor-parallel-size), not under "
                             "accelerate launch", field="backend")
@@ -331,12 +329,13 @@ def sample(model_path: str, prompts: str, output: str, *, n: int = 5, temperatur
                                     overwrite=overwrite)
     pending = writer.pending_shards()
     model = load_policy(model_path, dtype=dtype, device=state.device)[0] if pending and backend == "hf" else None
-    llm = vllm_engine(model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size) \
+    llm = vllm_engine(model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                      gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len) \
         if pending and backend == "vllm" else None
     bar = None
     if progress and pending and state.is_main_process:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=writer.pending_rows() * n, desc="sample", unit="resp")
+        from treg.progress import progress_bar
+        bar = progress_bar(writer.pending_rows() * n, "sample", "resp")
 
     def work(i: int, shard: list) -> list[dict]:
         contexts = [chat.context_ids(r.messages) for r in shard for _ in range(n)]

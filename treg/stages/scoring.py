@@ -158,7 +158,7 @@ class RewardModelScorer:
         ids = out["input_ids"] if hasattr(out, "keys") else out
         return list(ids)
 
-    def __call__(self, prompts, responses) -> list[float]:
+    def __call__(self, prompts, responses, progress=None) -> list[float]:
         import torch
         seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
         scores: list[float | None] = [None] * len(seqs)
@@ -182,6 +182,8 @@ class RewardModelScorer:
                                     file=self.path)
                 for i, v in zip(group, val[:, 0].tolist()):
                     scores[i] = v
+                if progress is not None:
+                    progress(len(group))
         return scores
 
 
@@ -319,8 +321,9 @@ def make_scorer(*, reward_model: str | None = None, reward_fn: str | None = None
     return fn_scorer(load_reward_fn(reward_fn)), f"reward function {reward_fn}"
 
 
-def score_rows(scorer: Scorer, rows: list[dict], *, label: str, is_fn: bool) -> list[list[float]]:
-    """Scores of every response of every row; any failure names the row (and response)."""
+def score_rows(scorer: Scorer, rows: list[dict], *, label: str, is_fn: bool, progress=None) -> list[list[float]]:
+    """Scores of every response of every row; any failure names the row (and response). ``progress(k)``
+    is called as ``k`` more responses are scored (per response for a function, per batch for a model)."""
     prompts = [r["prompt"] for r in rows for _ in r["responses"]]
     responses = [x for r in rows for x in r["responses"]]
     if is_fn:  # a user function: call per row so that an exception names its row
@@ -329,11 +332,17 @@ def score_rows(scorer: Scorer, rows: list[dict], *, label: str, is_fn: bool) -> 
             for j, resp in enumerate(r["responses"]):
                 try:
                     flat.append(scorer([r["prompt"]], [resp])[0])
+                    if progress is not None:
+                        progress(1)
                 except Exception as err:  # the user's function failed: name where, no traceback
                     raise TregError(f"the reward function raised {type(err).__name__}: {err}", file=label,
                                     row=r["row"], field=f"responses[{j}]") from None
+    elif isinstance(scorer, RewardModelScorer):
+        flat = scorer(prompts, responses, progress=progress)
     else:
         flat = scorer(prompts, responses)
+        if progress is not None:
+            progress(len(responses))
     out, k = [], 0
     for r in rows:
         m = len(r["responses"])
@@ -365,19 +374,16 @@ def score(samples: str, output: str, *, reward_model: str | None = None, reward_
     if pending:
         scorer, _ = make_scorer(reward_model=reward_model, reward_fn=reward_fn,
                                 trust_remote_code=trust_remote_code, batch_size=batch_size)
-        bar = None
-        if progress and state.is_main_process:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(pending), desc="score", unit="shard")
+        from treg.progress import progress_bar
+        total = sum(len(r["responses"]) for i in pending for r in writer.shard_rows(i))
+        with progress_bar(total, "score", "resp", enabled=progress and state.is_main_process) as bar:
 
-        def work(i: int, shard: list) -> list[dict]:
-            scores = score_rows(scorer, shard, label=label, is_fn=reward_fn is not None)
-            return [{"prompt": r["prompt"], "prompt_id": r["prompt_id"], "responses": r["responses"],
-                     "scores": s} for r, s in zip(shard, scores)]
+            def work(i: int, shard: list) -> list[dict]:
+                scores = score_rows(scorer, shard, label=label, is_fn=reward_fn is not None, progress=bar.update)
+                return [{"prompt": r["prompt"], "prompt_id": r["prompt_id"], "responses": r["responses"],
+                         "scores": s} for r, s in zip(shard, scores)]
 
-        writer.run(work, after_shard=(lambda i: bar.update(1)) if bar else None)
-        if bar:
-            bar.close()
+            writer.run(work)
     state.wait_for_everyone()
     stats = PairStats()
     meta = {"stage": "score", "samples": samples, "reward_model": reward_model, "reward_fn": reward_fn,

@@ -24,16 +24,26 @@ from treg.io.schema import IDS, REWARDS, SIDES, TEXT
 def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
     """The text each token adds, by incremental decoding (exact for byte-level BPE and SentencePiece).
     A token that ends inside a multi-byte character gets ``""``; the character goes to the token
-    that completes it. ``"".join(pieces) == tokenizer.decode(ids)`` up to incomplete trailing bytes."""
-    pieces, prev = [], ""
+    that completes it. ``"".join(pieces) == tokenizer.decode(ids)`` up to incomplete trailing bytes.
+
+    Linear in ``len(ids)``: each step decodes only a short window, from the token before the last
+    emitted piece (its context keeps SentencePiece's leading spaces and split characters right) to
+    the current token — the sliding-window incremental detokenization of vLLM / TGI."""
+    ids = [int(i) for i in ids]
+    pieces: list[str] = []
+    prefix, read = 0, 0  # window start; end of the text already emitted
+
+    def dec(part):
+        return tokenizer.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
     for k in range(len(ids)):
-        text = tokenizer.decode(list(ids[:k + 1]), skip_special_tokens=False,
-                                clean_up_tokenization_spaces=False)
-        if text.endswith("\ufffd") or not text.startswith(prev):
-            pieces.append("")
+        before = dec(ids[prefix:read]) if read > prefix else ""
+        text = dec(ids[prefix:k + 1])
+        if text.endswith("\ufffd") or not text.startswith(before) or len(text) <= len(before):
+            pieces.append("")  # an incomplete character (or nothing new yet): wait for the next token
             continue
-        pieces.append(text[len(prev):])
-        prev = text
+        pieces.append(text[len(before):])
+        prefix, read = read, k + 1
     return pieces
 
 

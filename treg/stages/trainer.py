@@ -62,7 +62,9 @@ def lora_config(args: TRegConfig):
     try:
         from peft import LoraConfig
     except ImportError:
-        raise TregError("use_peft needs the 'peft' package (pip install 'treg[peft]')", field="use_peft") from None
+        from treg.extras import install_hint
+        raise TregError(f"use_peft needs the optional package 'peft': {install_hint('peft')}", field="use_peft") \
+            from None
     targets = args.lora_target_modules or ["all-linear"]
     return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
@@ -77,15 +79,35 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def push_final(trainer, output_dir, names: list[str]) -> None:
+    """Upload the final model files ``names`` (top-level entries of ``output_dir``) to the repository
+    the Trainer created (``hub_model_id``), and nothing else of ``output_dir`` (no checkpoints, no
+    temporary copies). Waits for checkpoint pushes still running first."""
+    from huggingface_hub import upload_folder
+    trainer._finish_current_push()
+    allow = [p for n in names for p in (n, f"{n}/**")]
+    upload_folder(repo_id=trainer.hub_model_id, folder_path=str(output_dir), allow_patterns=allow,
+                  commit_message="End of training", token=trainer.args.hub_token,
+                  revision=trainer.args.hub_revision)
+
+
 def check_report_to(args) -> None:
-    """A ``report_to`` integration that is not installed is a user mistake (TregError), not a traceback."""
+    """A ``report_to`` integration, DeepSpeed or Liger kernels asked for but not installed is a user
+    mistake (one line naming the extra that installs it), not a traceback."""
     from transformers.integrations import get_available_reporting_integrations
+    from treg.extras import available, install_hint
     wanted = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
-    available = set(get_available_reporting_integrations())
+    installed = set(get_available_reporting_integrations())
     for name in wanted:
-        if name not in ("none", "all") and name not in available:
-            raise TregError(f"'{name}' is not installed (pip install {name}), or drop it from report_to",
+        if name not in ("none", "all") and name not in installed:
+            raise TregError(f"'{name}' is not installed ({install_hint(name)}), or drop it from report_to",
                             field="report_to")
+    if getattr(args, "deepspeed", None) and not available("deepspeed"):
+        raise TregError(f"deepspeed is set but the optional package 'deepspeed' is not installed: "
+                        f"{install_hint('deepspeed')}", field="deepspeed")
+    if getattr(args, "use_liger_kernel", False) and not available("liger_kernel"):
+        raise TregError(f"use_liger_kernel needs the optional package 'liger-kernel': {install_hint('liger_kernel')}",
+                        field="use_liger_kernel")
 
 
 class TRegTrainer(Trainer):

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -222,9 +223,14 @@ def html_report(out: Path, results: dict, n_heatmaps: int = 4) -> str:
     parts.append("<h2>Held-out evaluation (mean ± std over seeds)</h2>" + table(METHOD_HEADER, method_rows(results)))
     parts.append("<h2>Token-reward quality against ground truth</h2>" + table(AUROC_HEADER, auroc_rows(results)))
     parts.append("<h2>Learning curves (mean over seeds)</h2>")
+    from treg.extras import available, install_hint
+    if not available("matplotlib"):  # the report is still written, without the plots, and says so
+        note = f"Learning curves need the optional package 'matplotlib': {install_hint('matplotlib')}"
+        print(f"treg: {note}", file=sys.stderr)
+        parts.append(f"<p>{html.escape(note)}</p>")
     for key, title in (("treg/pref_loss", "preference loss -log sigmoid(z) (comparable across methods)"),
                        ("rewards/margins", "reward margin"), ("rewards/accuracies", "reward accuracy")):
-        png = _curves_png(out, methods, key, title)
+        png = _curves_png(out, methods, key, title) if available("matplotlib") else None
         if png:
             parts.append(f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">')
     tokens = sorted((out / "tokens").glob("seed*.jsonl"), key=_seed_of)
