@@ -5,7 +5,7 @@ ONE planted error of the same kind (rejected): a capital swapped for another cap
 1-3, a year swapped for another year, a fact word swapped for another of its kind. Deterministic
 (fixed tables, ``random.Random(0)``); no model is needed. Usage::
 
-    python benchmarks/probe_facts.py            # -> benchmarks/data/probe_facts.jsonl (84 pairs)
+    python benchmarks/probe_facts.py            # -> benchmarks/data/probe_facts.jsonl (100 pairs)
 """
 
 from __future__ import annotations
@@ -72,16 +72,19 @@ def pairs(seed: int = 0) -> list[dict]:
     for country, city in CAPITALS:
         wrong = rng.choice([c for _, c in CAPITALS if c != city])
         out.append((f"What is the capital of {country}?", f"The capital of {country} is {{}}.", city, wrong))
-    for _ in range(20):
+    sums = set()
+    while len(sums) < 36:
         a, b = rng.randint(2, 49), rng.randint(2, 49)
+        if (a, b) in sums:
+            continue
+        sums.add((a, b))
         out.append((f"What is {a} plus {b}?", f"{a} plus {b} is {{}}.", str(a + b),
                     str(a + b + rng.choice([-3, -2, -1, 1, 2, 3]))))
     for question, subject, year in YEARS:
         out.append((question, f"{subject} in {{}}.", str(year), str(year + rng.choice([-11, -7, -4, 3, 6, 13]))))
     for q, a, right, wrongs in FACTS:
         out.append((q, a, right, rng.choice(wrongs)))
-    for _ in range(10):
-        a, b = rng.randint(1, 5), rng.randint(1, 4)
+    for a, b in rng.sample([(a, b) for a in range(2, 6) for b in range(1, 5)], 10):
         wrong = NUMBER_WORDS[a + b + rng.choice([-1, 1])]
         out.append((f"If you have {NUMBER_WORDS[a]} apples and get {NUMBER_WORDS[b]} more, how many do you have?",
                     "You have {} apples.", NUMBER_WORDS[a + b], wrong))

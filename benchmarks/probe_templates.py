@@ -8,13 +8,12 @@ labelings:
   the "corrupted" span, rejected is the corrupted response (nothing is planted by the probe);
 * ``--errors plant``: the probe's planted corruptions (number / entity / negation / off-topic) of chosen.
 
-Designs are YAML templates (``treg/method/templates/*.yaml`` or ``benchmarks/templates/*.yaml``; files
-there may put ``{draft}`` in one context only, which ``treg annotate`` refuses, so they are loaded here
-without that check). Normalizations act on ``d_t = lp_better - lp_worse`` per response before the
+Designs are YAML templates: shipped names (revision, instruction, anchored) or files such as
+``benchmarks/templates/*.yaml``. Normalizations act on ``d_t = lp_better - lp_worse`` per response before the
 sigmoid: ``center`` (d - mean d), ``zscore`` ((d - mean d) / std d). Usage::
 
     python benchmarks/probe_templates.py --model DIR --errors own --n-pairs 60 \\
-        --templates revision instruction benchmarks/templates/judge.yaml ... [--threads 1]
+        --templates revision instruction anchored benchmarks/templates/judge.yaml ... [--threads 1]
 """
 
 from __future__ import annotations
@@ -32,19 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from treg.method.corrupt import Corruption  # noqa: E402
 from treg.stages.probe import MethodResult, Planted, metrics, plant, score_methods  # noqa: E402
-
-
-def load_loose(spec: str):
-    """A template, or (for benchmarks/templates files with {draft} on one side) the same without the check."""
-    import yaml
-    from treg.errors import TregError
-    from treg.method.templates import Template, load_template
-    try:
-        return load_template(spec)
-    except TregError:
-        text = Path(spec).read_text()
-        d = yaml.safe_load(text)
-        return Template(mode=d["mode"], better=tuple(d["better"]), worse=tuple(d["worse"]), text=text, path=spec)
 
 
 def own_errors(rows, fmt) -> list[Planted]:
@@ -93,6 +79,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from treg.io.chat import ChatFormat, read_preference_rows
+    from treg.method.templates import load_template
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
     fmt = ChatFormat(tok)
@@ -105,7 +92,7 @@ def main() -> None:
             planted = [planted[i] for i in keep]
     else:
         planted = plant(rows, fmt, n_pairs=args.n_pairs, seed=args.seed)
-    methods = [(f"contrastive:{Path(t).stem}", load_loose(t)) for t in args.templates]
+    methods = [(f"contrastive:{Path(t).stem}", load_template(t)) for t in args.templates]
     t0 = time.perf_counter()
     planted, results = score_methods(model, tok, planted, methods=methods, fmt=fmt, batch_tokens=2048,
                                      max_length=None, seed=args.seed)

@@ -13,18 +13,11 @@ from treg.cli import main as cli
 from treg.io.chat import ChatFormat, PreferenceRow, preference_rows
 from treg.method.corrupt import Corruption, STRATEGIES, corrupt, name_pool, names, planted_tokens
 from treg.stages.probe import NOISE, SIGNAL, MethodResult, Planted, auroc, metrics, plant
-from treg.toy import checkpoint_path, template_path, world
+from treg.toy import checkpoint_path, pipeline, template_path, world
 
 
 def toy_records(n: int, seed: int = 0) -> list[dict]:
-    """Toy pairs: chosen = the reference answer, rejected = a 'worse'-style sample (errors, filler)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        p = world.random_problem(rng)
-        out.append({"prompt": [{"role": "user", "content": p.query}], "chosen": p.reference,
-                    "rejected": world.sample_response(p, "worse", rng)})
-    return out
+    return pipeline.reference_pairs(n, seed)
 
 
 def write_jsonl(path, records) -> str:
@@ -174,3 +167,85 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, (argv, err)
     rc = cli(["probe", "--model", checkpoint_path(), "--dataset", str(tmp_path / "missing.jsonl")])
     assert rc == 2 and "no such file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- pipeline gate
+def test_pipeline_probe_stops_or_warns(tmp_path, capsys):
+    """A random tiny model's rewards are noise: the probe stage stops the pipeline (default on_fail) or,
+    with on_fail: warn, warns and annotate runs; the probe template defaults to annotate's."""
+    import yaml
+    from tests.tiny import save_tiny_model
+    from treg.stages.pipeline import load_config, plan
+    save_tiny_model(tmp_path / "policy", "llama3")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say {w} now."}) + "\n"
+                                                    for w in ("hi", "yes", "no", "maybe", "fox", "dog")))
+    (tmp_path / "reward.py").write_text("def reward(prompt, response):\n    return float(len(response))\n")
+    cfg = {"workdir": str(tmp_path / "run"), "model": str(tmp_path / "policy"),
+           "sample": {"prompts": str(tmp_path / "prompts.jsonl"), "n": 2, "max_new_tokens": 10},
+           "score": {"reward_fn": f"{tmp_path / 'reward.py'}:reward"},
+           "probe": {"min_auroc": 0.99, "bootstrap": 50},
+           "annotate": {"template": "instruction", "no_progress": True}}
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    stages = plan(load_config(str(path)))
+    assert [s.name for s in stages] == ["sample", "score", "probe", "annotate"]
+    probe = stages[2]
+    assert probe.on_fail == "stop" and probe.argv[probe.argv.index("--template") + 1] == "instruction"
+    assert cli(["pipeline", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (earlier lines: other stages' progress bars)
+    assert last.startswith("treg pipeline: error: probe: ") and "near or below chance" in last
+    assert not (tmp_path / "run" / "annotated").exists()
+    assert json.loads((tmp_path / "run" / "probe.json").read_text())["results"]
+    cfg["probe"]["on_fail"] = "warn"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli(["pipeline", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "skip probe" in out and "warning: probe:" in out  # probe output reused; on_fail is not an argument
+    assert (tmp_path / "run" / "annotated").exists()
+    cfg["probe"]["on_fail"] = "ignore"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli(["pipeline", "--config", str(path)]) == 2
+    assert "probe.on_fail" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- the anchored template option
+def test_anchored_template_puts_the_draft_in_x_worse_only():
+    from treg.method.templates import load_template, render
+    t = load_template("anchored")
+    assert t.mode == "revision"
+    better, worse = render(t, query="What is the capital of France?", draft="It is Madrid.")
+    assert "It is Madrid." not in "".join(m["content"] for m in better)
+    assert "It is Madrid." in worse[-1]["content"] and "capital of France" in better[-1]["content"]
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("mode: revision\ndraft: worse\nbetter: [{role: user, content: '{query} {draft}'}]\n"
+     "worse: [{role: user, content: '{query} {draft}'}]\n", "puts it in 'worse' only"),
+    ("mode: revision\ndraft: worse\nbetter: [{role: user, content: '{query}'}]\n"
+     "worse: [{role: user, content: '{query}'}]\n", "missing placeholder {draft}"),
+    ("mode: instruction\ndraft: worse\nbetter: [{role: user, content: '{query}'}]\n"
+     "worse: [{role: user, content: '{query}'}]\n", "revision mode only"),
+    ("mode: revision\ndraft: sideways\nbetter: [{role: user, content: '{query} {draft}'}]\n"
+     "worse: [{role: user, content: '{query} {draft}'}]\n", "'both', 'better' or 'worse'"),
+])
+def test_bad_draft_key(tmp_path, text, msg):
+    from treg.errors import TregError
+    from treg.method.templates import load_template
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(TregError, match=msg.replace("{", r"\{").replace("}", r"\}")):
+        load_template(str(path))
+
+
+def test_annotate_with_the_anchored_template_scores_the_same_response_ids():
+    from treg.stages.annotate import annotate
+    from treg.toy import load
+    model, tok = load()
+    ds = annotate(model, tok, toy_records(3), template="anchored", progress=False)
+    plain = annotate(model, tok, toy_records(3), template="revision", progress=False)
+    assert ds["chosen_input_ids"] == plain["chosen_input_ids"]
+    for a, b in zip(ds["ref_chosen_token_logps"], plain["ref_chosen_token_logps"]):  # batching may differ
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert not np.allclose(np.concatenate(list(ds["chosen_token_rewards"])),
+                           np.concatenate(list(plain["chosen_token_rewards"])), atol=1e-3)

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split for hub datasets / DatasetDict directories")
     p.add_argument("--output", required=True, help="output directory (datasets dir + treg_meta.json)")
     p.add_argument("--template", default="revision",
-                   help="contrastive template: 'revision' (default), 'instruction' or a YAML file")
+                   help="contrastive template: 'revision' (default), 'instruction', 'anchored' (docs/annotate.md, "
+                        "'Probe') or a YAML file")
     p.add_argument("--source", default="contrastive", choices=("contrastive", "dpo", "sft-chosen"),
                    help="where token rewards come from: contrastive prompting (default), a DPO model's "
                         "implicit rewards (--dpo-model), or +0.5 on chosen tokens (ablation)")

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="preference data in a TRL format (as treg annotate reads)")
     p.add_argument("--split", default="train", help="split for hub datasets / DatasetDict directories")
     p.add_argument("--template", nargs="+", default=["revision"],
-                   help="contrastive template(s): revision (default), instruction, factual or YAML files")
+                   help="contrastive template(s): revision (default), instruction, anchored or YAML files")
     p.add_argument("--source", nargs="+", default=["contrastive"], choices=("contrastive", "dpo"),
                    help="reward source(s) to probe (dpo needs --dpo-model)")
     p.add_argument("--dpo-model", default=None, help="DPO-trained model for --source dpo")
