@@ -33,9 +33,9 @@ def test_auroc_hand_computed():
     assert auroc([], [1.0]) is None
 
 
-def _planted(n_text: int, idx: list[int]) -> Planted:
+def _planted(n_text: int, idx: list[int], strategy: str = "number") -> Planted:
     row = PreferenceRow(0, 1, [{"role": "user", "content": "q"}], "c", "r")
-    return Planted(row, Corruption("number", "x", (0, 1), "y", "x"), idx, n_text)
+    return Planted(row, Corruption(strategy, "x", (0, 1), "y", "x"), idx, n_text)
 
 
 def test_metrics_use_exactly_the_planted_tokens_and_leave_out_end_of_turn():
@@ -58,6 +58,24 @@ def test_metrics_use_exactly_the_planted_tokens_and_leave_out_end_of_turn():
     flipped = MethodResult("contrastive:x", {**res.rewards, "corrupted": [-c for c in corrupted]})
     assert metrics(planted, flipped, bootstrap=50)["verdict"] == NOISE
     assert metrics(planted, MethodResult("random", res.rewards), bootstrap=10)["verdict"] is None
+    # a chosen response that loses to rejected on the user's pairs: no signal, whatever the AUROC
+    losing = MethodResult("contrastive:x", {**res.rewards, "chosen": [np.array([0.0]), np.array([-1.0])]})
+    lost = metrics(planted, losing, bootstrap=50)
+    assert lost["auroc"] == out["auroc"] and lost["agreement"] == 0.0 and lost["verdict"] == NOISE
+
+
+def test_auroc_is_the_mean_over_strategies():
+    # number: planted 0.0 below 0.5, 0.5 -> 1.0; offtopic: planted {0.3, 0.2, 0.4} above {0.1, 0.0} -> 0.0
+    planted = [_planted(3, [0], "number"), _planted(5, [1, 2, 3], "offtopic")]
+    corrupted = [np.array([0.0, 0.5, 0.5, 0.0]), np.array([0.1, 0.3, 0.2, 0.4, 0.0, 0.0])]
+    res = MethodResult("contrastive:x", {"corrupted": corrupted, "chosen": [np.ones(1)] * 2,
+                                          "rejected": [np.zeros(1)] * 2})
+    out = metrics(planted, res, bootstrap=20)
+    assert out["auroc_by_strategy"] == {"number": 1.0, "offtopic": 0.0}
+    assert out["auroc"] == 0.5
+    # pooled: 0.5, 0.5 beat all four planted (8); 0.1 beats 0.0 (1); 0.0 ties 0.0 (0.5) -> 9.5 / 16
+    assert out["auroc_pooled"] == pytest.approx(9.5 / 16, abs=1e-4)
+    assert out["verdict"] == NOISE
 
 
 # ------------------------------------------------------------------------------------- corruptions

@@ -7,8 +7,11 @@ text are its *planted tokens*. Every requested reward method then scores, with a
 ``treg annotate`` would write), the user's chosen and rejected responses and the corrupted one:
 
 * ``auroc``: P(a random other token of a corrupted response gets a higher reward than a random planted
-  token), pooled over all corrupted responses; ties count 1/2; end-of-turn tokens are left out. 1.0:
-  every planted token is ranked below the rest; 0.5: chance. CI: percentile bootstrap over responses.
+  token), pooled over the corrupted responses of each strategy, then averaged over the strategies
+  (so that an off-topic sentence's many tokens do not outweigh a one-token swap; ``auroc_pooled``
+  pools all, ``auroc_by_strategy`` has each); ties count 1/2; end-of-turn tokens are left out. 1.0:
+  every planted token is ranked below the rest; 0.5: chance. CI: percentile bootstrap over responses
+  (stratified by strategy).
 * ``agreement``: share of the user's pairs whose chosen response has the higher summed reward
   (ties 1/2), with a bootstrap CI over pairs; ``clean_beats_corrupted``: the same for the original
   chosen response vs its corrupted copy.
@@ -16,7 +19,8 @@ text are its *planted tokens*. Every requested reward method then scores, with a
 Methods: ``contrastive:<template>`` for each template (METHOD.md §1), ``dpo`` (METHOD.md §5; needs a
 DPO model) and two calibrating baselines: ``surprisal`` (the reference model's own log-prob of each
 token on the plain prompt) and ``random`` (uniform noise in (-0.5, 0.5), r_hat's range). A contrastive or dpo method *carries
-signal* when its AUROC is at least ``min_auroc`` and its CI lies above 0.5.
+signal* when its AUROC is at least ``min_auroc``, its CI lies above 0.5, and the agreement's CI is not
+entirely below 0.5 (chosen must not lose to rejected on the user's own pairs).
 """
 
 from __future__ import annotations
@@ -192,33 +196,42 @@ def metrics(planted: list[Planted], res: MethodResult, *, bootstrap: int = 1000,
     sums = {s: np.array([float(np.sum(r)) for r in res.rewards[s]]) for s in res.rewards}
     agree = _share_greater(sums["chosen"], sums["rejected"])
     clean = _share_greater(sums["chosen"], sums["corrupted"])
+    strategies = list(dict.fromkeys(x.corruption.strategy for x in planted))
+    groups = {st: np.array([i for i, x in enumerate(planted) if x.corruption.strategy == st]) for st in strategies}
+
+    def macro(idx: np.ndarray) -> tuple[float | None, dict]:
+        """Mean over strategies of the AUROC pooled within each strategy (responses ``idx``)."""
+        by = {}
+        for st in strategies:
+            k = [i for i in idx if planted[i].corruption.strategy == st]
+            by[st] = auroc(np.concatenate([pos[i] for i in k]), np.concatenate([neg[i] for i in k])) if k else None
+        vals = [v for v in by.values() if v is not None]
+        return (float(np.mean(vals)) if vals else None), by
+
     rng = np.random.default_rng(seed)
     n = len(planted)
     boot_auc, boot_agree = [], []
     for _ in range(bootstrap):
-        i = rng.integers(0, n, n)
-        a = auroc(np.concatenate([pos[k] for k in i]), np.concatenate([neg[k] for k in i]))
+        i = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups.values()])  # stratified
+        a = macro(i)[0]
         if a is not None:
             boot_auc.append(a)
-        boot_agree.append(float(agree[i].mean()))
+        boot_agree.append(float(agree[rng.integers(0, n, n)].mean()))
 
     def ci(values):
         return [round(float(np.percentile(values, 2.5)), 4), round(float(np.percentile(values, 97.5)), 4)] \
             if values else None
 
-    value = auroc(np.concatenate(pos), np.concatenate(neg))
-    by_strategy = {}
-    for strategy in dict.fromkeys(x.corruption.strategy for x in planted):
-        k = [i for i, x in enumerate(planted) if x.corruption.strategy == strategy]
-        a = auroc(np.concatenate([pos[i] for i in k]), np.concatenate([neg[i] for i in k]))
-        by_strategy[strategy] = None if a is None else round(a, 4)
+    value, by_strategy = macro(np.arange(n))
     out = {"method": res.name, "auroc": round(value, 4), "auroc_ci": ci(boot_auc),
+           "auroc_pooled": round(auroc(np.concatenate(pos), np.concatenate(neg)), 4),
+           "auroc_by_strategy": {k: None if v is None else round(v, 4) for k, v in by_strategy.items()},
            "agreement": round(float(agree.mean()), 4), "agreement_ci": ci(boot_agree),
-           "clean_beats_corrupted": round(float(clean.mean()), 4), "auroc_by_strategy": by_strategy,
-           "verdict": None}
+           "clean_beats_corrupted": round(float(clean.mean()), 4), "verdict": None}
     if res.name not in BASELINES:
         lo = out["auroc_ci"][0] if out["auroc_ci"] else value
-        out["verdict"] = SIGNAL if value >= min_auroc and lo > 0.5 else NOISE
+        agree_hi = out["agreement_ci"][1] if out["agreement_ci"] else out["agreement"]
+        out["verdict"] = SIGNAL if value >= min_auroc and lo > 0.5 and agree_hi > 0.5 else NOISE
     return out
 
 
