@@ -18,9 +18,9 @@ text are its *planted tokens*. Every requested reward method then scores, with a
 
 Methods: ``contrastive:<template>`` for each template (METHOD.md §1), ``dpo`` (METHOD.md §5; needs a
 DPO model) and two calibrating baselines: ``surprisal`` (the reference model's own log-prob of each
-token on the plain prompt) and ``random`` (uniform noise in (-0.5, 0.5), r_hat's range). A contrastive or dpo method *carries
-signal* when its AUROC is at least ``min_auroc``, its CI lies above 0.5, and the agreement's CI is not
-entirely below 0.5 (chosen must not lose to rejected on the user's own pairs).
+token on the plain prompt) and ``random`` (uniform noise in (-0.5, 0.5), r_hat's range). A contrastive
+or dpo method *carries signal* when its AUROC is at least ``min_auroc``, its CI lies above 0.5, and
+the agreement's CI is not entirely below 0.5 (chosen must not lose to rejected on the user's own pairs).
 """
 
 from __future__ import annotations
