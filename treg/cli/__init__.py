@@ -16,6 +16,7 @@ from treg.errors import TregError
 COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("treg.cli.sample", "sample N responses per prompt from a policy"),
     "score": ("treg.cli.score", "score samples with a reward model or function; best/worst pairs"),
+    "probe": ("treg.cli.probe", "pre-flight check: do token rewards carry signal on your pairs?"),
     "annotate": ("treg.cli.annotate", "token rewards by contrastive prompting (+ reference log-probs)"),
     "train": ("treg.cli.train", "train DPO/SimPO with token-level reward regularization"),
     "generate": ("treg.cli.generate", "generate outputs in AlpacaEval 2 / Arena-Hard / JSONL formats"),

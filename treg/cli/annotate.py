@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split for hub datasets / DatasetDict directories")
     p.add_argument("--output", required=True, help="output directory (datasets dir + treg_meta.json)")
     p.add_argument("--template", default="revision",
-                   help="contrastive template: 'revision' (default), 'instruction' or a YAML file")
+                   help="contrastive template: 'revision' (default), 'instruction', 'anchored' (docs/annotate.md, "
+                        "'Probe') or a YAML file")
     p.add_argument("--source", default="contrastive", choices=list(TOKEN_REWARD_SOURCES),
                    help="where token rewards come from (default contrastive): " + "; ".join(
                        f"{name}: {src.doc}" for name, src in TOKEN_REWARD_SOURCES.items()))

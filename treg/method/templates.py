@@ -12,8 +12,11 @@ A template is a YAML file::
 Placeholders: ``{query}`` (the prompt as text, :func:`treg.io.chat.messages_to_text`) in both modes,
 and ``{draft}`` (the response being scored) in revision mode only. Each side must use every
 placeholder of its mode; any other placeholder is an error naming the file and placeholder.
+Revision mode only: an optional ``draft: worse`` (or ``better``) key puts ``{draft}`` in that side
+only (the other side must not use it); the default is ``draft: both``. ``anchored.yaml`` ships with
+``draft: worse`` (docs/annotate.md, "Probe", for why).
 Literal braces are written ``{{`` and ``}}`` (Python ``str.format`` rules). The defaults ship in
-``treg/method/templates/revision.yaml`` (default) and ``instruction.yaml``.
+``treg/method/templates/revision.yaml`` (default), ``instruction.yaml`` and ``anchored.yaml``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from treg.errors import TregError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
-BUILTIN = ("revision", "instruction")
+BUILTIN = ("revision", "instruction", "anchored")
 PLACEHOLDERS = {"revision": ("query", "draft"), "instruction": ("query",)}
 SIDES = ("better", "worse")
 
@@ -67,13 +70,16 @@ def parse_template(text: str, path: str = "<template>") -> Template:
         raise TregError(f"invalid YAML: {str(err).splitlines()[0]}", file=path) from None
     if not isinstance(data, dict):
         raise TregError("a template must be a mapping with 'mode', 'better' and 'worse'", file=path)
-    unknown = set(data) - {"mode", "better", "worse"}
+    unknown = set(data) - {"mode", "better", "worse", "draft"}
     if unknown:
         raise TregError(f"unknown key(s) {sorted(unknown)}", file=path, field=sorted(unknown)[0])
     mode = data.get("mode", "revision")
     if mode not in PLACEHOLDERS:
         raise TregError(f"mode must be 'revision' or 'instruction', not {mode!r}", file=path, field="mode")
     allowed = PLACEHOLDERS[mode]
+    draft = data.get("draft", "both")
+    if draft not in ("both", *SIDES) or (mode != "revision" and "draft" in data):
+        raise TregError("'draft' is 'both', 'better' or 'worse', in revision mode only", file=path, field="draft")
     sides = {}
     for side in SIDES:
         msgs = data.get(side)
@@ -94,6 +100,11 @@ def parse_template(text: str, path: str = "<template>") -> Template:
                                 field=f"{where}.content")
             used |= names
             out.append({"role": msg["role"], "content": msg["content"]})
+        if draft not in ("both", side):
+            if "draft" in used:
+                raise TregError(f"{{draft}} in '{side}' while 'draft: {draft}' puts it in '{draft}' only",
+                                file=path, field=side)
+            used.add("draft")
         missing = [a for a in allowed if a not in used]
         if missing:
             raise TregError(f"missing placeholder {{{missing[0]}}} ({mode} mode needs "

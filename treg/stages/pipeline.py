@@ -6,6 +6,7 @@ Config (docs/recipes.md has complete examples; configs/*/pipeline.yaml are the p
     model: path-or-hub-name      # the reference / starting policy
     sample:   {prompts: ..., n: 5, temperature: 0.8, ...}     # options of `treg sample`
     score:    {reward_fn: mod:fn}  or  {reward_model: RM, trust_remote_code: true}
+    probe:    {min_auroc: 0.6, on_fail: stop}                 # optional: `treg probe` before annotate
     annotate: {template: revision}                            # options of `treg annotate`
     train:    {config: train.yaml, alpha: 0.25, ...}          # TRegConfig fields (underscores)
     generate:                                                 # one or more benchmark files
@@ -19,6 +20,12 @@ Every stage mapping holds the stage's command-line options (``max_new_tokens`` -
 (a command prefix such as ``accelerate launch --config_file X``: the stage then runs as a
 subprocess ``<launch> -m treg <stage> ...``) and ``skip: true``. The pipeline adds the wiring
 options (model, inputs, outputs). ``"@name"`` refers to the output file of generate item ``name``.
+
+Probe (issue 11): a ``probe`` mapping runs ``treg probe`` on the scored pairs before annotate
+(``workdir/probe.json``), with annotate's ``template`` unless it names its own. ``on_fail`` (reserved
+key; ``stop`` by default, or ``warn``): what to do when a probed method's verdict is "near or below
+chance" (AUROC under ``min_auroc`` or its CI not above 0.5). The check also runs when the probe
+stage is skipped as complete, so a failing probe keeps stopping the pipeline until changed.
 
 Skipping: after a stage succeeds, ``workdir/pipeline_state.json`` records the stage's *key* (a hash
 of its arguments and of the fingerprints of every input path among them) and the *fingerprint of
@@ -40,7 +47,8 @@ from treg.errors import TregError
 from treg.io.meta import META_FILE, stable_hash
 
 STATE_FILE = "pipeline_state.json"
-SINGLE = ("sample", "score", "annotate", "train")
+SINGLE = ("sample", "score", "probe", "annotate", "train")
+ON_FAIL = ("stop", "warn")
 EXTENSIONS = {"alpaca_eval": "json", "arena_hard": "jsonl", "jsonl": "jsonl"}
 
 
@@ -52,6 +60,7 @@ class Stage:
     argv: list[str]
     output: str
     launch: str | None = None
+    on_fail: str | None = None   # probe only: "stop" or "warn" when a method is near or below chance
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -141,11 +150,12 @@ def load_config(path: str) -> dict:
 def plan(cfg: dict) -> list[Stage]:
     """The stages of a config, in data-path order, with the wiring options filled in."""
     work, model = str(cfg["workdir"]), str(cfg["model"])
-    out = {"sample": f"{work}/samples", "score": f"{work}/pairs", "annotate": f"{work}/annotated",
-           "train": f"{work}/model"}
+    out = {"sample": f"{work}/samples", "score": f"{work}/pairs", "probe": f"{work}/probe.json",
+           "annotate": f"{work}/annotated", "train": f"{work}/model"}
     wiring = {
         "sample": ["--model", model, "--output", out["sample"]],
         "score": ["--samples", out["sample"], "--output", out["score"]],
+        "probe": ["--model", model, "--dataset", out["score"], "--json", out["probe"]],
         "annotate": ["--model", model, "--dataset", out["score"], "--output", out["annotate"]],
         "train": ["--model_name_or_path", model, "--dataset_path", out["annotate"], "--output_dir", out["train"]],
     }
@@ -153,10 +163,15 @@ def plan(cfg: dict) -> list[Stage]:
     for name in SINGLE:
         opts = dict(cfg.get(name) or {})
         launch = opts.pop("launch", None)
+        on_fail = opts.pop("on_fail", "stop") if name == "probe" else None
         if name not in cfg or opts.pop("skip", False):
             continue
+        if on_fail not in (None, *ON_FAIL):
+            raise TregError(f"must be one of {', '.join(ON_FAIL)}", field="probe.on_fail")
+        if name == "probe" and "template" not in opts and "source" not in opts:
+            opts["template"] = (cfg.get("annotate") or {}).get("template")
         argv = _options(opts, underscores=name == "train") + wiring[name]
-        stages.append(Stage(name, name, argv, out[name], launch))
+        stages.append(Stage(name, name, argv, out[name], launch, on_fail))
     files = {}
     for item in cfg.get("generate", []):
         opts = dict(item)
@@ -288,9 +303,27 @@ def run_pipeline(config_path: str, *, dry_run: bool = False, force: tuple[str, .
             state[stage.name] = {"key": key, "output": fp}
             Path(work).mkdir(parents=True, exist_ok=True)
             _write_state(work, state)
+        if stage.command == "probe" and not dry_run:
+            check_probe(stage, log)
         if until and until in (stage.name, stage.command):
             break
     return done
+
+
+def check_probe(stage: Stage, log=print) -> None:
+    """Stop (TregError) or warn when a method in the probe report is near or below chance."""
+    from treg.stages.probe import NOISE
+    report = json.loads(Path(stage.output).read_text())
+    bad = [f"{r['method']} AUROC {r['auroc']:.3f} (CI {r['auroc_ci'][0]:.2f}-{r['auroc_ci'][1]:.2f})"
+           for r in report["results"] if r.get("verdict") == NOISE]
+    if not bad:
+        return
+    msg = (f"probe: {'; '.join(bad)} is near or below chance (min_auroc {report['min_auroc']}): alpha > 0 "
+           f"would regularize toward noise (report: {stage.output})")
+    if stage.on_fail == "warn":
+        log(f"treg pipeline: warning: {msg}")
+        return
+    raise TregError(f"{msg}; try another template, or set probe.on_fail: warn to continue")
 
 
 def describe(stages: list[Stage]) -> str:

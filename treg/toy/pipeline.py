@@ -30,6 +30,17 @@ def prompts(n: int, seed: int, *, exclude: set[str] | None = None, prefix: str =
     return rows
 
 
+def reference_pairs(n: int, seed: int = 0) -> list[dict]:
+    """``n`` pairs in TRL's standard format for ``treg probe`` on the toy: chosen = the reference answer,
+    rejected = a ``worse``-style sample (errors and filler), drawn with ``random.Random(seed)``."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = world.random_problem(rng)
+        out.append({"prompt": p.query, "chosen": p.reference, "rejected": world.sample_response(p, "worse", rng)})
+    return out
+
+
 def query_of(prompt) -> str:
     """The toy query of a prompt given as text or as messages (the last user turn)."""
     if isinstance(prompt, str):
@@ -83,7 +94,8 @@ def annotate_pairs(model, tok, pairs: list[dict], *, source: str = "contrastive"
     from treg.stages.annotate import annotate
     from treg.method.templates import load_template
     from treg.toy import template_path
-    template = load_template(template_path("instruction")) if source == "contrastive" else "revision"
+    from treg.method.token_rewards import TOKEN_REWARD_SOURCES
+    template = load_template(template_path("instruction")) if TOKEN_REWARD_SOURCES[source].needs_template else "revision"
     return annotate(model, tok, pairs, template=template, source=source, dpo_model=dpo_model, beta=beta,
                     progress=False)
 
