@@ -97,7 +97,7 @@ def test_config_mistakes_are_one_line_errors(tmp_path, model_dir, capsys):
     assert "field 'alhpa'" in err and cfg in err and "unknown option" in err
     cfg = run_yaml(tmp_path, model_dir, data)
     assert main(["train", "--config", cfg, "--alpha", "-1"]) == 2
-    assert "alpha must be >= 0" in capsys.readouterr().err
+    assert "'alpha': must be >= 0" in capsys.readouterr().err
     assert main(["train", "--config", cfg, "--method", "orpo"]) == 2
     assert "invalid choice" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2

@@ -28,7 +28,12 @@ def save_final(trainer, output_dir: str) -> None:
         shutil.rmtree(tmp)
     # _internal_call: Trainer.save_model would otherwise push_to_hub here — re-saving into output_dir and
     # uploading it with this temporary copy inside
-    trainer.save_model(str(tmp), _internal_call=True)
+    try:
+        trainer.save_model(str(tmp), _internal_call=True)
+    except BaseException:  # a full disk or file-size limit: leave no half-written .final-tmp behind
+        if trainer.is_world_process_zero():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         names = sorted(item.name for item in tmp.iterdir())
@@ -64,6 +69,8 @@ def main(argv: list[str]) -> int:
         print(render(config_parser("treg train"), full="--help-all" in argv), end="")
         return 0
     config = parse_config(argv, prog="treg train", require=REQUIRED)
+    from treg.io.loading import allow_pickle_weights
+    allow_pickle_weights(config.allow_pickle_weights)
     from treg.io.data import load_annotated, truncate_pairs
 
     from treg.io.loading import load_causal_lm, load_tokenizer

@@ -83,7 +83,7 @@ def read_yaml_mapping(path: str, *, what: str = "config file") -> dict:
     if not p.is_file():
         raise TregError(f"no such {what}", file=path)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(read_text_strict(p, allow_empty=True)) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
