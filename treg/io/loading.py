@@ -72,10 +72,15 @@ def _first_line(err: Exception) -> str:
     return (text.splitlines() or [type(err).__name__])[0]
 
 
-def load_tokenizer(path: str, *, field: str | None = "model", trust_remote_code: bool = False):
-    """``AutoTokenizer`` of ``path``, as saved (padding ids come from :func:`pad_token_id`)."""
+def load_tokenizer(path: str, *, field: str | None = "model", trust_remote_code: bool = False,
+                   model_weights: bool = True):
+    """``AutoTokenizer`` of ``path``, as saved (padding ids come from :func:`pad_token_id`). The stages load
+    the tokenizer first and the model later, so ``path``'s weights are checked here too (:func:`check_weights`),
+    before any output is prepared; ``model_weights=False`` when only the tokenizer is wanted."""
     from transformers import AutoTokenizer
     check_local_path(path, field, what="model directory")
+    if model_weights:
+        check_weights(path, field)
     extra = {"trust_remote_code": True} if trust_remote_code else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
