@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pickle
 import sys
+import warnings
 from pathlib import Path
 
 from treg.errors import TregError
@@ -35,7 +36,9 @@ def convert(directory: str) -> list[str]:
     written = []
     for src in sources:
         try:
-            state = torch.load(src, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's warning about the refused opcode: the error says it
+                warnings.simplefilter("ignore")
+                state = torch.load(src, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
             from treg.io.loading import _first_line
             raise TregError(f"cannot convert: {_first_line(err)}", file=str(src)) from None
