@@ -267,3 +267,4 @@ def test_file_size_limit_during_the_final_write(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("treg eval: error:")]
     assert len(lines) == 1 and "file too large" in lines[0] and "Traceback" not in proc.stderr
     assert snapshot(tmp_path) == before
+

@@ -82,3 +82,10 @@ def test_ranges_tables_name_real_fields_and_options():
 def test_describe(err, line):
     text = describe(err)
     assert text.startswith(line) and "\n" not in text
+
+
+def test_os_error_of_native_library_messages():
+    from treg.boundary import os_error_of
+    err = os_error_of(RuntimeError("Error while serializing: I/O error: File too large (os error 27)"), "/x/out")
+    assert isinstance(err, OSError) and err.errno == errno.EFBIG and err.filename == "/x/out"
+    assert os_error_of(ValueError("shape mismatch"), "/x") is None

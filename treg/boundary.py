@@ -11,6 +11,8 @@ writers themselves (:mod:`treg.io.fsutil`), so a pre-existing output is left as 
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 from treg.errors import TregError
 
@@ -24,6 +26,15 @@ _REASONS = {  # clearer than strerror where the cause is not obvious
 
 def _one_line(text: str) -> str:
     return " ".join(text.split()) or "unknown error"
+
+
+def os_error_of(err: BaseException, path: str) -> OSError | None:
+    """The ``OSError`` hidden in a native library's error (safetensors, tokenizers: ``... (os error 27)``),
+    naming ``path``; None when ``err`` is no I/O error."""
+    if isinstance(err, OSError):
+        return err
+    match = re.search(r"\(os error (\d+)\)", str(err))
+    return OSError(int(match.group(1)), os.strerror(int(match.group(1))), path) if match else None
 
 
 def describe(err: BaseException) -> str:
