@@ -3,7 +3,8 @@
 :func:`check_fields` checks every field of a dataclass instance against its annotation (``int``,
 ``float``, ``bool``, ``str``, ``X | None``, ``list[X]``, ``dict``, enums, ``Literal``), rejects NaN and
 infinities in float fields, and checks the fields named in a ranges table. A range is a short text:
-``"> 0"``, ``">= 1"``, ``"[0, 1]"``, ``"(0, 1]"``, ``"[0, 1)"``. :func:`check_namespace` does the same
+``"> 0"``, ``">= 1"``, ``"[0, 1]"``, ``"(0, 1]"``, ``"[0, 1)"``, optionally followed by ``"; why"`` (a hint
+added to the error). :func:`check_namespace` does the same
 for an argparse namespace (the types there are the actions' ``type=``). Each failure is one
 :class:`treg.errors.TregError` naming the field.
 """
@@ -73,8 +74,9 @@ def check_value(name: str, value, tp=None, spec: str | None = None, *, label: st
         raise TregError(f"expected {_type_name(tp)}, got {type(value).__name__} {str(value)[:40]!r}", field=label)
     if isinstance(value, float) and not math.isfinite(value):
         raise TregError(f"must be a finite number, got {value}", field=label)
-    if spec and isinstance(value, (int, float)) and not isinstance(value, bool) and not in_range(value, spec):
-        raise TregError(f"must be {spec}, got {value!r}", field=label)
+    bounds, _, why = (spec or "").partition(";")
+    if bounds and isinstance(value, (int, float)) and not isinstance(value, bool) and not in_range(value, bounds):
+        raise TregError(f"must be {bounds.strip()}, got {value!r}" + (f" ({why.strip()})" if why else ""), field=label)
 
 
 def check_fields(obj, ranges: dict[str, str]) -> None:

@@ -11,10 +11,12 @@ from treg.io.loading import DTYPES
 # Ranges of the stage CLIs' numeric options by dest ("<prog>:<dest>" for one command only), checked with
 # the finiteness of every float option at parse time (treg.validate.check_namespace), before any model loads.
 CLI_RANGES = {
-    "n": ">= 2", "temperature": ">= 0", "treg sample:temperature": "> 0", "top_p": "(0, 1]",
-    "max_new_tokens": ">= 1", "batch_size": ">= 1", "shard_size": ">= 1", "limit": ">= 1", "seed": ">= 0",
+    "n": ">= 2; a preference pair needs at least 2 responses per prompt", "temperature": ">= 0",
+    "treg sample:temperature": "> 0; 0 is greedy: all N responses would be identical", "top_p": "(0, 1]",
+    "max_new_tokens": ">= 1", "batch_size": ">= 1", "shard_size": ">= 1", "limit": ">= 1; need at least 1 prompt",
+    "seed": ">= 0", "bootstrap": ">= 1; resamples for the 95% interval",
     "tensor_parallel_size": ">= 1", "gpu_memory_utilization": "(0, 1]", "max_model_len": ">= 1",
-    "min_margin": ">= 0", "bootstrap": ">= 1", "beta": "> 0", "max_length": ">= 2", "batch_tokens": ">= 1",
+    "min_margin": ">= 0", "beta": "> 0", "max_length": ">= 2", "batch_tokens": ">= 1",
     "index": ">= 0", "worst": ">= 1", "top": ">= 0", "seeds": ">= 1", "train_prompts": ">= 1",
     "n_samples": ">= 2", "eval_prompts": ">= 1", "eval_samples": ">= 1", "steps": ">= 1", "lrs": "> 0",
     "alphas": ">= 0", "simpo_beta": "> 0", "simpo_gamma": ">= 0", "tune_prompts": ">= 1", "threads": ">= 1",
