@@ -136,6 +136,8 @@ CASES = [
     ("eval-outputs-latin1", EV.replace("outputs.jsonl", "latin1_outputs.jsonl"), "latin1_outputs.jsonl: not valid UTF-8", {}),
     ("eval-questions-latin1", EV.replace("outputs.jsonl", "answers.jsonl") + " --questions {t}/latin1_questions.jsonl",
      "latin1_questions.jsonl: not valid UTF-8", {}),
+    ("eval-lc-gamed-latin1", EV + " --lc-gamed {t}/gamed.csv", "gamed.csv: not valid UTF-8",
+     {"gamed.csv": b"index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline\n0,0.5,0,1,caf\xe9\n"}),
     ("eval-judge-pickle", EV.replace("--reward-fn {t}/fn.py:f", "--judge {pickle_rm}"), "pytorch_model.bin", {}),
     ("eval-report-is-dir", EV.replace("{t}/report.json", "{t}/adir"), "adir", {"adir/keep": "x"}),
     # -- pipeline
