@@ -33,3 +33,17 @@ def test_file_size_limit_in_sharded_stages(tmp_path, models, command, limit):
     lines = [line for line in proc.stderr.splitlines() if line.startswith(f"treg {command}: error:")]
     assert len(lines) == 1 and "file too large" in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_score_rerun_after_fixing_a_failing_reward_function(tmp_path, capsys):
+    """The reward function raised on the first rows; after fixing it the same command simply runs."""
+    from treg.cli import main
+    for name, content in files(tmp_path).items():
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    (tmp_path / "fn.py").write_text("def f(prompt, output):\n    raise ValueError('broken')\n")
+    argv = fill(SC, tmp_path, {}).split()
+    assert main(argv) == 2
+    assert "the reward function raised ValueError: broken" in capsys.readouterr().err
+    (tmp_path / "fn.py").write_text("def f(prompt, output):\n    return float(len(output))\n")
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "pairs" / "treg_meta.json").is_file()
