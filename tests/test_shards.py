@@ -72,3 +72,16 @@ def test_crash_between_finalize_renames_is_repaired(tmp_path):
     assert w2.done_shards() == {0, 1, 2, 3}
     assert json.loads((out / ".shards" / "settings.json").read_text())["num_shards"] == 4
     assert datasets.load_from_disk(str(w2.finalize({"stage": "t"})))["i"][-1] == 31
+
+
+def test_unfinished_run_without_shards_is_replaced_and_changes_are_named(tmp_path):
+    """A run that finished no shard (its reward function raised on the first rows) is replaced without
+    --overwrite; one with finished shards is refused naming the setting that changed."""
+    out = tmp_path / "out"
+    _writer(out, settings={"a": 1, "reward": "old"})  # started, nothing written
+    w = _writer(out, settings={"a": 1, "reward": "fixed"})
+    assert w.pending_shards() == [0, 1, 2, 3]
+    w.write(0, _rows(0))
+    with pytest.raises(TregError, match=r"unfinished run \(changed: reward\)"):
+        _writer(out, settings={"a": 1, "reward": "again"})
+    assert _writer(out, settings={"a": 1, "reward": "fixed"}).done_shards() == {0}

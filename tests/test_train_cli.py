@@ -97,7 +97,7 @@ def test_config_mistakes_are_one_line_errors(tmp_path, model_dir, capsys):
     assert "field 'alhpa'" in err and cfg in err and "unknown option" in err
     cfg = run_yaml(tmp_path, model_dir, data)
     assert main(["train", "--config", cfg, "--alpha", "-1"]) == 2
-    assert "alpha must be >= 0" in capsys.readouterr().err
+    assert "'alpha': must be >= 0" in capsys.readouterr().err
     assert main(["train", "--config", cfg, "--method", "orpo"]) == 2
     assert "invalid choice" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
@@ -151,3 +151,30 @@ def test_help_is_short_grouped_and_help_all_lists_every_field(capsys):
     for entry in re.split(r"\n  --", full):  # one option per entry, its default said at most once
         assert entry.count("(default:") <= 1, entry
         assert not re.match(r"[\w]+ .*, --", entry.splitlines()[0]), entry  # no dash-spelled alias repeated
+
+
+def test_summary_after_resume_describes_the_whole_run(tmp_path, model_dir, capsys):
+    data = write_pairs(tmp_path / "ann", model_dir[1], n=8)
+    config = run_yaml(tmp_path, model_dir, data, save_strategy="steps", save_steps=2)
+    assert main(["train", "--config", config]) == 0
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+    capsys.readouterr()
+    assert main(["train", "--config", config, "--max_steps", "4",
+                 "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-2")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "4 steps on 8 pairs" in line and "resumed at step 2, mean loss" in line and "over steps 3-4" in line
+
+
+def test_file_size_limit_while_saving_leaves_no_temp_dir(tmp_path, model_dir):
+    """RLIMIT_FSIZE reached by the final save: one line, exit 2, no .final-tmp left behind."""
+    import subprocess
+    data = write_pairs(tmp_path / "ann", model_dir[1], n=8)
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+            "from treg.cli import main; sys.exit(main(sys.argv[1:]))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code, "train", "--config", run_yaml(tmp_path, model_dir, data)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("treg train: error:")]
+    assert len(lines) == 1 and "file too large" in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "out" / ".final-tmp").exists()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-from treg.errors import TregError
 
 # name -> (module, one-line summary). Order is the data path.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -60,11 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"treg: error: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2
+    from treg.boundary import USER_ERRORS, describe
+    from treg.io.loading import allow_pickle_weights
+    allow_pickle_weights(False)  # the opt-in is per command (set by its --allow-pickle-weights)
     try:
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)
-    except TregError as err:
-        print(f"treg {name}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:  # the one error boundary (treg.boundary): one line, exit 2
+        print(f"treg {name}: error: {describe(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"treg {name}: interrupted", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from treg.cli.util import OneLineParser, check_device, process_state
+from treg.cli.util import OneLineParser, add_weights_argument, check_device, process_state
 from treg.errors import TregError
 from treg.io.loading import DTYPES
 from treg.method.token_rewards import TOKEN_REWARD_SOURCES
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true",
                    help="use the plain 'Role:' text format instead of the tokenizer's chat template")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_weights_argument(p)
     return p
 
 

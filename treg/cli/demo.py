@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from treg.cli.util import OneLineParser
+from treg.cli.util import OneLineParser, add_weights_argument
 
 
 def _floats(text: str) -> list[float]:
@@ -54,13 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="toy checkpoint directory (default: the shipped one)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print only where the report is")
+    add_weights_argument(p)
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from treg.toy.demo import DemoConfig, run_demo
-    values = {k: v for k, v in vars(args).items() if k != "quick"}
+    values = {k: v for k, v in vars(args).items() if k not in ("quick", "allow_pickle_weights")}
     if args.quick:
         values.update(train_prompts=min(args.train_prompts, 48), eval_prompts=min(args.eval_prompts, 24),
                       eval_samples=1, steps=min(args.steps, 6), batch_size=min(args.batch_size, 8),

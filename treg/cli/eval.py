@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from treg.cli.util import OneLineParser
+from treg.cli.util import OneLineParser, add_weights_argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AlpacaEval GLM for the LC win rate (default: v1 with --lc-gamed, else minimal)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while the judge scores")
     p.add_argument("--report", default=None, help="also write the result as JSON here")
+    add_weights_argument(p)
     return p
 
 

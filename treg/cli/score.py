@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from treg.cli.util import OneLineParser, process_state
+from treg.cli.util import OneLineParser, add_weights_argument, process_state
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=64, help="prompts per resumable shard")
     p.add_argument("--overwrite", action="store_true", help="replace an output made with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_weights_argument(p)
     return p
 
 

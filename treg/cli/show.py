@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     if not name:
         raise TregError("no model recorded in treg_meta.json; pass --tokenizer", file=str(path))
     from treg.io.loading import load_tokenizer
-    tokenizer = load_tokenizer(name, field="tokenizer")
+    tokenizer = load_tokenizer(name, field="tokenizer", model_weights=False)
     # the data contract: stage, fingerprint of THIS tokenizer (else tokens decode to garbage), non-empty,
     # one reward per token, finite values
     ds = load_annotated(path, tokenizer).dataset

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from treg.cli.util import OneLineParser
+from treg.cli.util import OneLineParser, add_weights_argument
 import json
 
 from treg.errors import TregError
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", type=int, default=200, help="held-out prompts per style (default 200)")
     c.add_argument("--seed", type=int, default=1234, help="seed for prompts and sampling (default 1234)")
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_weights_argument(c)
     return p
 
 

@@ -28,7 +28,16 @@ def save_final(trainer, output_dir: str) -> None:
         shutil.rmtree(tmp)
     # _internal_call: Trainer.save_model would otherwise push_to_hub here — re-saving into output_dir and
     # uploading it with this temporary copy inside
-    trainer.save_model(str(tmp), _internal_call=True)
+    try:
+        trainer.save_model(str(tmp), _internal_call=True)
+    except BaseException as err:  # a full disk or file-size limit: leave no half-written .final-tmp behind
+        if trainer.is_world_process_zero():
+            shutil.rmtree(tmp, ignore_errors=True)
+        from treg.boundary import os_error_of
+        os_err = os_error_of(err, str(out)) if isinstance(err, Exception) else None
+        if os_err is not None and os_err is not err:
+            raise os_err from None
+        raise
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         names = sorted(item.name for item in tmp.iterdir())
@@ -64,6 +73,8 @@ def main(argv: list[str]) -> int:
         print(render(config_parser("treg train"), full="--help-all" in argv), end="")
         return 0
     config = parse_config(argv, prog="treg train", require=REQUIRED)
+    from treg.io.loading import allow_pickle_weights
+    allow_pickle_weights(config.allow_pickle_weights)
     from treg.io.data import load_annotated, truncate_pairs
 
     from treg.io.loading import load_causal_lm, load_tokenizer
@@ -89,10 +100,13 @@ def main(argv: list[str]) -> int:
     if trainer.is_world_process_zero():
         pairs = len(trainer.train_dataset)
         what = "LoRA adapter" if config.use_peft else "model"
+        # after a resume, transformers' training_loss averages only the steps run now: say so
+        first = getattr(trainer, "_initial_global_step", 0) or 0
+        loss = (f"mean loss {result.training_loss:.4f}" if not first else
+                f"resumed at step {first}, mean loss {result.training_loss:.4f} over steps {first + 1}-{result.global_step}")
         print(f"treg train: {config.method}{'-REG' if need_rewards else ''} alpha={config.alpha:g} "
               f"{result.global_step} steps on {pairs} pairs ({trainer.dropped_pairs} dropped), "
-              f"mean loss {result.training_loss:.4f}, {time.time() - start:.0f}s; "
-              f"{what} + tokenizer saved to {config.output_dir}")
+              f"{loss}, {time.time() - start:.0f}s; {what} + tokenizer saved to {config.output_dir}")
     del trainer, model
     shutdown()
     return 0

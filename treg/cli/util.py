@@ -8,12 +8,46 @@ from treg.errors import TregError
 from treg.io.loading import DTYPES
 
 
+# Ranges of the stage CLIs' numeric options by dest ("<prog>:<dest>" for one command only), checked with
+# the finiteness of every float option at parse time (treg.validate.check_namespace), before any model loads.
+CLI_RANGES = {
+    "n": ">= 2; a preference pair needs at least 2 responses per prompt", "temperature": ">= 0",
+    "treg sample:temperature": "> 0; 0 is greedy: all N responses would be identical", "top_p": "(0, 1]",
+    "max_new_tokens": ">= 1", "batch_size": ">= 1", "shard_size": ">= 1", "limit": ">= 1; need at least 1 prompt",
+    "seed": ">= 0", "bootstrap": ">= 1; resamples for the 95% interval",
+    "tensor_parallel_size": ">= 1", "gpu_memory_utilization": "(0, 1]", "max_model_len": ">= 1",
+    "min_margin": ">= 0", "beta": "> 0", "max_length": ">= 2", "batch_tokens": ">= 1",
+    "index": ">= 0", "worst": ">= 1", "top": ">= 0", "seeds": ">= 1", "train_prompts": ">= 1",
+    "n_samples": ">= 2", "eval_prompts": ">= 1", "eval_samples": ">= 1", "steps": ">= 1", "lrs": "> 0",
+    "alphas": ">= 0", "simpo_beta": "> 0", "simpo_gamma": ">= 0", "tune_prompts": ">= 1", "threads": ">= 1",
+    "lr": "> 0", "examples": ">= 1", "prompts": ">= 1",
+}
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose mistakes (unknown or misspelled option, missing or invalid value) are a
-    TregError: one line and exit 2 through the CLI instead of a usage dump. ``--help`` is unchanged."""
+    """An ArgumentParser whose mistakes (unknown or misspelled option, missing or invalid value, a number out
+    of :data:`CLI_RANGES` or not finite) are a TregError: one line and exit 2 through the CLI instead of a
+    usage dump. ``--help`` is unchanged. ``--allow-pickle-weights`` (:func:`add_weights_argument`) sets
+    the process's opt-in of :func:`treg.io.loading.allow_pickle_weights`."""
 
     def error(self, message):
         raise TregError(f"{message} (see {self.prog} --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, rest = super().parse_known_args(args, namespace)
+        from treg.validate import check_namespace
+        check_namespace(self, namespace, CLI_RANGES)
+        if getattr(namespace, "allow_pickle_weights", False):
+            from treg.io.loading import allow_pickle_weights
+            allow_pickle_weights(True)
+        return namespace, rest
+
+
+def add_weights_argument(p: argparse.ArgumentParser) -> None:
+    """``--allow-pickle-weights``, on every command that loads a model."""
+    p.add_argument("--allow-pickle-weights", action="store_true",
+                   help="load model directories that have only pickle weights (pytorch_model.bin) with "
+                   "torch.load(weights_only=True); default: safetensors only (convert: python -m treg.io.weights DIR)")
 
 
 def add_generation_arguments(p: argparse.ArgumentParser, *, temperature: float, top_p: float,
@@ -42,6 +76,7 @@ def add_generation_arguments(p: argparse.ArgumentParser, *, temperature: float, 
                    help="plain 'Role:' text format instead of the tokenizer's chat template")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not "
                    "a terminal)")
+    add_weights_argument(p)
 
 
 def check_device(device: str, field: str = "device") -> None:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from treg.errors import TregError
+from treg.io.fsutil import read_text_strict
 
 _SENTINEL = "TREGRESPONSESENTINEL7431"
 
@@ -58,18 +59,17 @@ class PreferenceRow:
 # ----------------------------------------------------------------------------------------- reading
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TregError(f"malformed JSON ({err.msg} at column {err.colno})",
-                                file=str(path), row=lineno) from None
-            if not isinstance(obj, dict):
-                raise TregError("each line must be a JSON object", file=str(path), row=lineno)
-            out.append((lineno, obj))
+    for lineno, line in enumerate(read_text_strict(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TregError(f"malformed JSON ({err.msg} at column {err.colno})",
+                            file=str(path), row=lineno) from None
+        if not isinstance(obj, dict):
+            raise TregError("each line must be a JSON object", file=str(path), row=lineno)
+        out.append((lineno, obj))
     return out
 
 
@@ -83,7 +83,7 @@ def read_records(source: str | os.PathLike, split: str = "train") -> tuple[list[
             return _read_jsonl(path), label
         if suffix == ".json":
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
+                data = json.loads(read_text_strict(path))
             except json.JSONDecodeError as err:
                 if err.msg == "Extra data":  # JSON Lines saved as .json
                     return _read_jsonl(path), label

@@ -83,7 +83,7 @@ def read_yaml_mapping(path: str, *, what: str = "config file") -> dict:
     if not p.is_file():
         raise TregError(f"no such {what}", file=path)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(read_text_strict(p, allow_empty=True)) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -91,3 +91,18 @@ def read_yaml_mapping(path: str, *, what: str = "config file") -> dict:
     if not isinstance(data, dict):
         raise TregError("expected a mapping of option: value", file=path)
     return data
+
+
+def read_text_strict(path: str | os.PathLike, *, what: str = "file", allow_empty: bool = False) -> str:
+    """The text of ``path`` decoded as strict UTF-8 (a BOM is dropped). TregError naming the file, line and
+    byte offset of the first invalid byte; one saying the file is empty (unless ``allow_empty``)."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise TregError(f"not valid UTF-8: byte 0x{data[err.start]:02x} at line {line}, byte offset {err.start} "
+                        "(re-save the file as UTF-8)", file=str(path)) from None
+    if not allow_empty and not text.strip():
+        raise TregError(f"empty {what}", file=str(path))
+    return text

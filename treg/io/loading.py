@@ -5,14 +5,47 @@ turns a load failure into one :class:`TregError` line naming the path and the op
 resolves ``dtype="auto"`` once (bfloat16 on a GPU that supports it, float32 otherwise), passes
 ``trust_remote_code`` only when the user asked for it, and puts the model in eval mode on its device.
 :func:`pad_token_id` is the single pad-id fallback (pad, then eos, then 0).
+
+Weights are safetensors only by default (:func:`check_weights`): a local directory holding only pickle
+weights (``pytorch_model*.bin``, ``*.pt``) is refused with one line saying how to convert it
+(``python -m treg.io.weights DIR``), since unpickling can run code. The explicit opt-in
+(``--allow-pickle-weights``; TRegConfig ``allow_pickle_weights``) loads them with ``weights_only=True``.
 """
 
 from __future__ import annotations
+
+import pickle
 
 from treg.errors import TregError
 from treg.io.fsutil import check_local_path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+_ALLOW_PICKLE = [False]  # the process-wide opt-in, set from a command's --allow-pickle-weights
+
+
+def allow_pickle_weights(allow: bool | None = None) -> bool:
+    """Set (when ``allow`` is given) and return whether pickle weights may be loaded (weights_only=True)."""
+    if allow is not None:
+        _ALLOW_PICKLE[0] = bool(allow)
+    return _ALLOW_PICKLE[0]
+
+
+def check_weights(path: str, field: str | None = "model") -> dict:
+    """``from_pretrained`` keywords that keep a load safe: safetensors only, unless pickle weights were
+    allowed; a local directory without safetensors but with pickle files is a one-line TregError."""
+    import os
+    from pathlib import Path
+    if allow_pickle_weights():
+        return {}
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_dir() and not any(p.glob("*.safetensors")):
+        pickles = sorted(f.name for pattern in PICKLE_PATTERNS for f in p.glob(pattern))
+        if pickles:
+            raise TregError(f"only pickle weights ({', '.join(pickles[:3])}), which can run code when loaded; "
+                            f"convert them with 'python -m treg.io.weights {path}' or pass --allow-pickle-weights "
+                            "(loads them with weights_only=True)", file=str(path), field=field)
+    return {"use_safetensors": True}
 
 
 def resolve_dtype(dtype: str | None, device=None):
@@ -29,14 +62,25 @@ def resolve_dtype(dtype: str | None, device=None):
     return getattr(torch, dtype)
 
 
+UNSAFE_PICKLE = "refused: the pickle weights hold more than tensors (loading them could run code)"
+
+
 def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    text = str(err).strip()
+    if "Weights only load failed" in text or isinstance(err, pickle.UnpicklingError):
+        return UNSAFE_PICKLE
+    return (text.splitlines() or [type(err).__name__])[0]
 
 
-def load_tokenizer(path: str, *, field: str | None = "model", trust_remote_code: bool = False):
-    """``AutoTokenizer`` of ``path``, as saved (padding ids come from :func:`pad_token_id`)."""
+def load_tokenizer(path: str, *, field: str | None = "model", trust_remote_code: bool = False,
+                   model_weights: bool = True):
+    """``AutoTokenizer`` of ``path``, as saved (padding ids come from :func:`pad_token_id`). The stages load
+    the tokenizer first and the model later, so ``path``'s weights are checked here too (:func:`check_weights`),
+    before any output is prepared; ``model_weights=False`` when only the tokenizer is wanted."""
     from transformers import AutoTokenizer
     check_local_path(path, field, what="model directory")
+    if model_weights:
+        check_weights(path, field)
     extra = {"trust_remote_code": True} if trust_remote_code else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
@@ -52,13 +96,15 @@ def load_causal_lm(path: str, *, dtype: str | None = "auto", device=None, attn_i
     places the model), ``dtype="auto"`` keeps the checkpoint's own dtype, as transformers' ``dtype="auto"``."""
     from transformers import AutoModelForCausalLM
     check_local_path(path, field, what="model directory")
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    extra = check_weights(path, field)
+    if attn_implementation:
+        extra["attn_implementation"] = attn_implementation
     if trust_remote_code:
         extra["trust_remote_code"] = True
     try:
         torch_dtype = "auto" if device is None and (dtype or "auto") == "auto" else resolve_dtype(dtype, device)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError) as err:
         raise TregError(f"cannot load a causal LM ({_first_line(err)})", file=path, field=field) from None
     if device is not None:
         model = model.to(device)
@@ -71,11 +117,13 @@ def load_reward_model(path: str, *, dtype: str | None = "auto", device=None, tru
     (its tokenizer: :func:`load_tokenizer`)."""
     from transformers import AutoModelForSequenceClassification
     check_local_path(path, field, what="model directory")
-    extra = {"trust_remote_code": True} if trust_remote_code else {}
+    extra = check_weights(path, field)
+    if trust_remote_code:
+        extra["trust_remote_code"] = True
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, dtype=resolve_dtype(dtype, device), output_loading_info=True, **extra)
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError) as err:
         raise TregError(f"cannot load a reward model ({_first_line(err)})", file=path, field=field) from None
     if device is not None:
         model = model.to(device)

@@ -88,6 +88,12 @@ class ShardedWriter:
         except json.JSONDecodeError:
             return None
 
+    def _changed(self, old) -> list[str]:
+        """Names of the settings that differ from ``old`` (as recorded in settings.json)."""
+        new = json.loads(json.dumps(self.settings, sort_keys=True, default=str))
+        old = old if isinstance(old, dict) else {}
+        return sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k)) or ["shard layout"]
+
     def _refuse(self, what: str):
         raise TregError(f"{what} with different settings; pass --overwrite to replace it, or choose "
                         "another output", file=str(self.out))
@@ -112,8 +118,11 @@ class ShardedWriter:
                 shutil.rmtree(self.out)
             elif shard_settings is not None:
                 if shard_settings.get("fingerprint") != self.fingerprint:
-                    if not overwrite:
-                        self._refuse("the output holds an unfinished run")
+                    # a run that finished no shard (e.g. its reward function raised on the first rows) is
+                    # simply replaced; one with finished shards is refused, naming what changed
+                    if not overwrite and any(_SHARD_RE.match(p.name) for p in self.shard_dir.iterdir()):
+                        self._refuse(f"the output holds an unfinished run (changed: "
+                                     f"{', '.join(self._changed(shard_settings.get('settings')))})")
                     shutil.rmtree(self.out)
                 elif overwrite:
                     shutil.rmtree(self.out)

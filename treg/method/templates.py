@@ -119,7 +119,8 @@ def load_template(spec: str | Path = "revision") -> Template:
     path = TEMPLATE_DIR / f"{spec}.yaml" if str(spec) in BUILTIN else Path(spec)
     if not path.is_file():
         raise TregError(f"no such template (use {' or '.join(BUILTIN)} or a .yaml file)", file=str(spec))
-    return parse_template(path.read_text(encoding="utf-8"), str(spec))
+    from treg.io.fsutil import read_text_strict
+    return parse_template(read_text_strict(path, what="template file"), str(spec))
 
 
 def render(template: Template, *, query: str, draft: str | None = None) -> tuple[list[dict], list[dict]]:

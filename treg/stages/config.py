@@ -24,6 +24,20 @@ from transformers import HfArgumentParser, TrainingArguments
 from treg.errors import TregError
 from treg.io.loading import DTYPES
 from treg.method.losses import PREFERENCE_LOSSES, WEIGHTINGS
+from treg.validate import check_fields
+
+# Ranges of numeric fields (treg.validate.in_range); every field's type and finiteness is checked from its
+# annotation, these add the bounds. Checked before TrainingArguments' own __post_init__ and any model load.
+RANGES = {
+    "learning_rate": "> 0", "beta": "> 0", "gamma": ">= 0", "alpha": ">= 0", "max_length": ">= 2",
+    "pad_to_multiple_of": ">= 1", "precompute_ref_batch_size": ">= 1", "logprob_chunk_size": ">= 0",
+    "lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)", "num_train_epochs": "> 0",
+    "max_steps": ">= -1", "per_device_train_batch_size": ">= 1", "per_device_eval_batch_size": ">= 1",
+    "gradient_accumulation_steps": ">= 1", "weight_decay": ">= 0", "max_grad_norm": ">= 0",
+    "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_epsilon": "> 0", "warmup_steps": ">= 0",
+    "logging_steps": "> 0", "save_steps": "> 0", "eval_steps": "> 0", "seed": ">= 0", "data_seed": ">= 0",
+    "save_total_limit": ">= 0", "dataloader_num_workers": ">= 0",
+}
 
 
 def _f(default, help: str, **extra):
@@ -91,7 +105,13 @@ class TRegConfig(TrainingArguments):
     lora_target_modules: list[str] | None = _f(None, "Module names to adapt (default: all linear layers "
                                                      "except the LM head).")
 
+    # -- safety
+    allow_pickle_weights: bool = _f(False, "Load a model directory that has only pickle weights "
+                                           "(pytorch_model.bin), with torch.load(weights_only=True); default: "
+                                           "safetensors only (convert: python -m treg.io.weights DIR).")
+
     def __post_init__(self):
+        check_fields(self, RANGES)
         checks = [
             (self.method in PREFERENCE_LOSSES, "method",
              f"unknown method '{self.method}' (choose {', '.join(PREFERENCE_LOSSES)})"),
@@ -100,15 +120,8 @@ class TRegConfig(TrainingArguments):
             (self.dtype in DTYPES, "dtype", f"unknown dtype '{self.dtype}' (choose {', '.join(DTYPES)})"),
             (self.truncation_mode in ("keep_start", "keep_end"), "truncation_mode",
              f"unknown truncation_mode '{self.truncation_mode}' (choose keep_start, keep_end)"),
-            (self.alpha >= 0, "alpha", f"alpha must be >= 0, got {self.alpha}"),
-            (self.beta > 0, "beta", f"beta must be > 0, got {self.beta}"),
-            (self.gamma >= 0, "gamma", f"gamma must be >= 0, got {self.gamma}"),
             (self.gamma == 0 or self.method not in PREFERENCE_LOSSES or PREFERENCE_LOSSES[self.method].uses_gamma,
              "gamma", f"gamma={self.gamma} but method '{self.method}' has no target margin (leave gamma at 0)"),
-            (self.max_length is None or self.max_length >= 2, "max_length",
-             f"max_length must be >= 2, got {self.max_length}"),
-            (self.logprob_chunk_size >= 0, "logprob_chunk_size", "logprob_chunk_size must be >= 0 (0 = full logits)"),
-            (self.lora_r >= 1, "lora_r", "lora_r must be >= 1"),
         ]
         for ok, name, message in checks:
             if not ok:
@@ -153,11 +166,12 @@ def parse_config(argv: list[str], prog: str = "treg train", require: tuple[str, 
     try:
         parsed = parser.parse_args_into_dataclasses(argv, look_for_args_file=False, return_remaining_strings=True)
         config, unknown = parsed[0], parsed[-1]  # (TRegConfig, [namespace of --config], remaining strings)
-    except TregError as err:  # argparse: "argument --alpha: invalid float value: 'abc'"
+    except TregError as err:  # argparse ("argument --alpha: invalid float value: 'abc'") or check_fields
         match = re.match(r"argument --([\w-]+)", err.bare_message)
-        name = match.group(1).replace("-", "_") if match else None
+        name = match.group(1).replace("-", "_") if match else err.field
         if name in from_yaml and not any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv):
-            raise TregError(err.bare_message.split(": ", 1)[-1], file=known.config, field=name) from None
+            raise TregError(err.bare_message.split(": ", 1)[-1] if match else err.bare_message,
+                            file=known.config, field=name) from None
         raise
     except (ValueError, TypeError) as err:  # TrainingArguments.__post_init__ (YAML or command line)
         raise TregError(str(err).splitlines()[0], file=known.config) from None

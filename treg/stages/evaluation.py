@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from treg.errors import TregError
-from treg.io.fsutil import atomic_write_text
+from treg.io.fsutil import atomic_write_text, read_text_strict
 from treg.io.formats import OUTPUT_FORMATS, format_records, prompt_text  # noqa: F401  (format_records: API)
 from treg.io.meta import stable_hash
 
@@ -47,7 +47,7 @@ def read_outputs(path: str, *, questions: str | None = None) -> dict[str, dict]:
     p = Path(path)
     if not p.is_file():
         raise TregError("no such file", file=path)
-    text = p.read_text(encoding="utf-8")
+    text = read_text_strict(p, what="outputs file")
     out: dict[str, dict] = {}
 
     def add(key: str, row: int, prompt, output) -> None:
@@ -68,7 +68,7 @@ def read_outputs(path: str, *, questions: str | None = None) -> dict[str, dict]:
             add(r["instruction"], i, r["instruction"], r["output"])
         return out
     qtext = _read_questions(questions) if questions else None
-    for i, line in enumerate(text.splitlines(), start=1):
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -101,7 +101,7 @@ def _read_questions(path: str) -> dict[str, str]:
     if not Path(path).is_file():
         raise TregError("no such file", file=path)
     q = {}
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for i, line in enumerate(read_text_strict(path, what="questions file").split("\n"), start=1):
         if line.strip():
             try:
                 r = json.loads(line)

@@ -26,6 +26,7 @@ baseline terms only, no regularization), which needs neither and is what works o
 from __future__ import annotations
 
 import csv
+import io
 import math
 import warnings
 from dataclasses import dataclass
@@ -74,7 +75,8 @@ def read_gamed(path: str) -> Gamed:
         raise TregError("no such file", file=path)
     need = ("index", "preference", "std_delta_len", "instruction_difficulty", "not_gamed_baseline")
     cols: dict[str, list] = {k: [] for k in need}
-    with p.open(newline="", encoding="utf-8") as f:
+    from treg.io.fsutil import read_text_strict
+    with io.StringIO(read_text_strict(p, what="CSV file"), newline="") as f:
         reader = csv.DictReader(f)
         for k in need:
             if k not in (reader.fieldnames or []):

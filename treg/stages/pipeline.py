@@ -214,13 +214,33 @@ def known_options(command: str) -> set[str]:
 
 
 def check_options(stages: list[Stage], config_path: str) -> None:
-    """Refuse an unknown option in any stage before the first stage runs (not hours later)."""
+    """Refuse, before the first stage runs (not hours later): two stages of one name, a launcher that is not
+    an executable on PATH, an unknown option in any stage, and (except train) an option value its command's
+    parser refuses (type, finiteness, range)."""
+    import importlib
+    import shutil
+    seen = set()
     for stage in stages:
+        if stage.name in seen:
+            raise TregError(f"two stages named '{stage.name}' (their outputs would collide)", file=config_path,
+                            field=stage.name.replace(":", "."))
+        seen.add(stage.name)
+        if stage.launch and (not shlex.split(stage.launch) or not shutil.which(shlex.split(stage.launch)[0])):
+            raise TregError(f"launcher '{stage.launch}' is not an executable on PATH", file=config_path,
+                            field=f"{stage.name.replace(':', '.')}.launch")
         bad = [a for a in stage.argv if a.startswith("--") and a not in known_options(stage.command)]
         if bad:
             key = bad[0][2:] if stage.command == "train" else bad[0][2:].replace("-", "_")
             raise TregError(f"unknown option of treg {stage.command} (see treg {stage.command} --help)",
                             file=config_path, field=f"{stage.name.replace(':', '.')}.{key}")
+        if stage.command != "train":
+            try:
+                importlib.import_module(f"treg.cli.{stage.command}").build_parser().parse_args(list(stage.argv))
+            except TregError as err:  # a value check names the option as the YAML key (sample.top_p)
+                if err.field:
+                    key = f"{stage.name.replace(':', '.')}.{err.field.lstrip('-').replace('-', '_')}"
+                    raise TregError(err.bare_message, file=config_path, field=key) from None
+                raise TregError(f"stage {stage.name}: {err.bare_message}", file=config_path) from None
 
 
 # --------------------------------------------------------------------------- running
@@ -263,7 +283,9 @@ def run_stage(stage: Stage) -> None:
         return
     from treg.cli import COMMANDS
     import importlib
+    from treg.io.loading import allow_pickle_weights
     module = importlib.import_module(COMMANDS[stage.command][0])
+    allow_pickle_weights(False)  # per stage, as per command
     try:
         code = int(module.main(list(stage.argv)) or 0)
     except TregError as err:
