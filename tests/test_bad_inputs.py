@@ -61,6 +61,7 @@ SH = "show {t}/ann --html {t}/page.html"
 DE = "demo --quick --out {t}/demo"
 TB = "toy build --out {t}/toyout"
 TC = "toy check"
+PR = "probe --model {model} --dataset {t}/pairs.jsonl --json {t}/report.json"
 
 # (id, argv, what the error line must name, extra files {name: text})
 CASES = [
@@ -167,6 +168,14 @@ CASES = [
     ("toy-build-lr-nan", TB + " --lr nan", "--lr", {}),
     ("toy-check-prompts0", TC + " --prompts 0", "--prompts", {}),
     ("toy-check-pickle", TC + " --model {pickle}", "pytorch_model.bin", {}),
+    # -- probe
+    ("probe-n-pairs0", PR + " --n-pairs 0", "n-pairs", {}),
+    ("probe-min-auroc", PR + " --min-auroc 2", "min-auroc", {}),
+    ("probe-dpo-without-model", PR + " --source dpo", "dpo-model", {}),
+    ("probe-missing-dataset", PR.replace("pairs.jsonl", "missing.jsonl"), "missing.jsonl", {}),
+    ("probe-latin1", PR.replace("pairs.jsonl", "latin1.jsonl"), "latin1.jsonl: not valid UTF-8", {}),
+    ("probe-no-usable-pair", PR + " --strategies number", "no usable pair", {}),
+    ("probe-pickle", PR.replace("{model}", "{pickle}"), "pytorch_model.bin", {}),
 ]
 
 
