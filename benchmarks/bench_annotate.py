@@ -14,6 +14,10 @@
    tokens/s counts real (unpadded) tokens of context + response of every scored sequence.
 
     python benchmarks/bench_annotate.py [--device cuda --dtype bfloat16] [--pairs 16] [--hidden 256]
+    python benchmarks/bench_annotate.py --model "$(treg model path smollm2-135m-instruct)" --pairs 4 --repeats 1
+
+3. with ``--model PATH``: the throughput table on a real checkpoint and its own tokenizer and chat template
+   (revision template, responses 30-150 tokens of corpus words).
 """
 
 from __future__ import annotations
@@ -166,6 +170,8 @@ def main():
                     help="annotate's budget (default: treg's default for the device, 2048 on CPU)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each measurement (best is kept)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)")
+    ap.add_argument("--model", default=None,
+                    help="instead: a local checkpoint and its tokenizer (e.g. treg model path smollm2-135m-instruct)")
     ap.add_argument("--toy", action="store_true",
                     help="instead: the shipped toy checkpoint on 500 toy pairs (short sequences, ~30 tokens)")
     args = ap.parse_args()
@@ -177,6 +183,8 @@ def main():
         args.batch_tokens = default_batch_tokens(device)
     if args.toy:
         return toy_main(args, device)
+    if args.model:
+        return model_main(args, device)
     tok = tiny_tokenizer("llama3")
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
@@ -195,6 +203,19 @@ def main():
     for bt, (ratio, n_real) in ratios.items():
         print(f"| padded / real tokens, 512 pairs, responses 50-2,000 tokens ({n_real:,} real), budget {bt:,} "
               f"| {ratio:.3f} | <= 1.10 |")
+
+
+def model_main(args, device):
+    """A real checkpoint (its tokenizer and chat template), revision template, responses 30-150 tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
+    rows = make_rows(tok, args.pairs, 30, 150)
+    real, stats, t = throughput(model, tok, rows, args.batch_tokens, device, repeats=args.repeats)
+    print(f"device {args.device} ({args.dtype}, {args.threads} CPU thread(s)), {args.model} "
+          f"({sum(p.numel() for p in model.parameters()):,} parameters, vocab {len(tok):,}); {args.pairs} pairs "
+          f"({real:,} real tokens, responses 30-150 tokens), revision template, batch_tokens {args.batch_tokens}\n")
+    print_throughput(real, stats, t, model)
 
 
 def toy_main(args, device):

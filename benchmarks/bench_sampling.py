@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python benchmarks/bench_sampling.py            # CUDA: 8B-shaped random-init Llama
     PYTHONPATH=. python benchmarks/bench_sampling.py --small    # CPU smoke run
+    PYTHONPATH=. python benchmarks/bench_sampling.py --model "$(treg model path smollm2-135m-instruct)" \
+        --batch 4 --prompt-len 64 --new-tokens 32                # a real checkpoint (CPU if no GPU)
 
 1. Correctness on the device: seeded sampling (treg.stages.sampling.hf_generate with the Gumbel-max
    processor) gives the same responses in batches of 1 and of 6, in float32 and bfloat16; the reward
@@ -70,10 +72,14 @@ def check_correctness(device: str) -> list[str]:
     return out
 
 
-def throughput(device: str, small: bool, batch: int, prompt_len: int, new_tokens: int) -> list[str]:
+def throughput(device: str, small: bool, batch: int, prompt_len: int, new_tokens: int,
+               model_path: str | None = None) -> list[str]:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
     from treg.stages.sampling import GumbelSampler
-    if small:
+    if model_path:
+        from transformers import AutoConfig
+        cfg = AutoConfig.from_pretrained(model_path)
+    elif small:
         cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2)
     else:  # Llama-3-8B shapes
@@ -83,8 +89,12 @@ def throughput(device: str, small: bool, batch: int, prompt_len: int, new_tokens
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).eval()
+    if model_path:  # real weights (they may emit EOS: min_new_tokens keeps every row at full length)
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    else:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).eval()
     torch.set_default_dtype(torch.float32)
     eos = cfg.vocab_size - 1
     ids = torch.randint(0, cfg.vocab_size - 1, (batch, prompt_len), device=device)
@@ -118,7 +128,9 @@ def throughput(device: str, small: bool, batch: int, prompt_len: int, new_tokens
         rows.append(f"| {kind} | {batch} | {prompt_len} | {new_tokens} | {sec:.2f} | {batch * new_tokens / sec:,.0f} |")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     params = sum(p.numel() for p in model.parameters()) / 1e9
-    return [f"model: Llama shapes, {params:.2f}B parameters, {dtype}, random weights, on {name}"] + rows
+    what = f"{model_path} ({params:.3f}B parameters)" if model_path else f"Llama shapes, {params:.2f}B parameters"
+    weights = "" if model_path else ", random weights"
+    return [f"model: {what}, {dtype}{weights}, on {name}, {torch.get_num_threads()} CPU thread(s)"] + rows
 
 
 def main() -> None:
@@ -127,13 +139,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="sequences per generate call")
     ap.add_argument("--prompt-len", type=int, default=256, help="prompt tokens")
     ap.add_argument("--new-tokens", type=int, default=256, help="generated tokens per sequence")
+    ap.add_argument("--model", default=None, help="a local checkpoint instead of random weights (throughput only)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
     import transformers
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}")
-    for line in check_correctness(device):
-        print(line, flush=True)
-    for line in throughput(device, args.small, args.batch, args.prompt_len, args.new_tokens):
+    if not args.model:
+        for line in check_correctness(device):
+            print(line, flush=True)
+    for line in throughput(device, args.small, args.batch, args.prompt_len, args.new_tokens, args.model):
         print(line, flush=True)
 
 

@@ -8,6 +8,8 @@ CUDA); the step time is the median over ``--steps`` optimizer steps after ``--wa
     python benchmarks/bench_trainer.py                                   # tiny CPU default
     python benchmarks/bench_trainer.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16 \
         --heads 16 --vocab 128256 --batch 8 --prompt 256 --response 512
+    python benchmarks/bench_trainer.py --model "$(treg model path smollm2-135m-instruct)" \
+        --batch 2 --prompt 32 --response 64 --steps 3 --warmup 1 --rounds 1   # a real checkpoint
 
 Prints a markdown table (copied into docs/benchmarks.md, section "trainer").
 """
@@ -39,6 +41,8 @@ def parse(argv=None):
     p.add_argument("--gradient-checkpointing", action="store_true", help="turn on activation checkpointing")
     p.add_argument("--rounds", type=int, default=3,
                    help="run the variants in turn this many times; report each one's best median (noise guard)")
+    p.add_argument("--model", default=None,
+                   help="a local checkpoint (its weights and vocabulary) instead of the random-init Llama")
     p.add_argument("--child", default=None, choices=["dpo", "reg", "trl"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -70,7 +74,11 @@ def child(args) -> dict:
                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
                       num_key_value_heads=args.heads, max_position_embeddings=args.prompt + args.response,
                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).to(getattr(torch, args.dtype))
+    if args.model:  # the real checkpoint; the data are random ids below its vocabulary
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    else:
+        model = LlamaForCausalLM(cfg).to(getattr(torch, args.dtype))
     vocab = {f"t{i}": i for i in range(args.vocab)}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
                                   pad_token="t0", bos_token="t1", eos_token="t2")
@@ -128,6 +136,10 @@ def child(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.model:
+        import json as _json
+        cfg = _json.loads(open(os.path.join(args.model, "config.json")).read())
+        args.vocab, args.hidden, args.layers = cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"]
     if args.child:
         print("RESULT " + json.dumps(child(args)))
         return 0

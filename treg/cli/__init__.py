@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "show": ("treg.cli.show", "token-reward heat maps of an annotated dataset (terminal / HTML)"),
     "demo": ("treg.cli.demo", "the whole method on the embedded toy world, with a report"),
     "toy": ("treg.cli.toy", "the embedded toy world: build its tokenizer and checkpoint"),
+    "model": ("treg.cli.model", "real models: fetch SmolLM2 (GGUF -> safetensors), convert any GGUF"),
 }
 
 

@@ -73,6 +73,9 @@ def check_local_path(path: str, field: str | None = None, *, what: str = "file o
     looks_local = p.startswith((".", "/", "~")) or p.count("/") > 1 or p.endswith((".json", ".jsonl", ".parquet"))
     if looks_local and not os.path.exists(os.path.expanduser(p)):
         raise TregError(f"no such {what}", file=p, field=field)
+    if os.path.exists(os.path.expanduser(p)):
+        from treg.io.zoo import refuse_gguf
+        refuse_gguf(p, field)  # a GGUF file or a directory of GGUF: one line naming treg model convert-gguf
 
 
 def read_yaml_mapping(path: str, *, what: str = "config file") -> dict:

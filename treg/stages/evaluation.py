@@ -165,6 +165,9 @@ def generate(model_path: str, prompts: str, output: str, *, fmt: str = "jsonl", 
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or batch_size < 1:
         raise TregError("need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1, batch_size >= 1")
     rows, label = load_prompt_rows(prompts, prompt_column=prompt_column, split=split, limit=limit)
+    if use_chat_template:  # a tokenizer without chat template: one line before minutes of model loading
+        from treg.stages.sampling import load_tokenizer
+        ChatFormat(load_tokenizer(model_path), use_chat_template=True, file=model_path)
     if backend == "vllm":
         from treg.extras import available, install_hint
         from treg.io.loading import load_tokenizer
