@@ -176,6 +176,13 @@ CASES = [
     ("probe-latin1", PR.replace("pairs.jsonl", "latin1.jsonl"), "latin1.jsonl: not valid UTF-8", {}),
     ("probe-no-usable-pair", PR + " --strategies number", "no usable pair", {}),
     ("probe-pickle", PR.replace("{model}", "{pickle}"), "pytorch_model.bin", {}),
+    # -- model
+    ("model-get-unknown", "model get nosuchmodel", "nosuchmodel", {}),
+    ("model-path-unknown", "model path nosuch", "nosuch", {}),
+    ("model-convert-missing", "model convert-gguf {t}/missing.gguf {t}/conv", "missing.gguf", {}),
+    ("model-convert-onto-file", "model convert-gguf {t}/gguf/m.gguf {t}/not_a_dir", "not_a_dir", {"gguf/m.gguf": "GGUF"}),
+    ("annotate-gguf-dir", AN.replace("{model}", "{t}/gguf"), "convert-gguf", {"gguf/m.gguf": "GGUF"}),
+    ("sample-gguf-file", S.replace("{model}", "{t}/gguf/m.gguf"), "convert-gguf", {"gguf/m.gguf": "GGUF"}),
 ]
 
 
