@@ -36,6 +36,7 @@ import torch
 from treg.errors import TregError
 from treg.method.token_rewards import TOKEN_REWARD_SOURCES
 from treg.io.chat import ChatFormat, PreferenceRow
+from treg.method.metrics import auroc  # noqa: F401  (part of the probe's API)
 from treg.method.corrupt import STRATEGIES, Corruption, corrupt, name_pool, planted_tokens
 
 SIGNAL = "carries signal"
@@ -58,23 +59,6 @@ class MethodResult:
     """Token rewards of one method: ``rewards[side][i]`` for side chosen / rejected / corrupted."""
     name: str
     rewards: dict = field(default_factory=dict)
-
-
-def auroc(positive_scores, negative_scores) -> float | None:
-    """P(random positive > random negative), ties 1/2 (Mann-Whitney U with average ranks); None if a
-    class is empty."""
-    pos = np.asarray(positive_scores, dtype=np.float64)
-    neg = np.asarray(negative_scores, dtype=np.float64)
-    if pos.size == 0 or neg.size == 0:
-        return None
-    scores = np.concatenate([pos, neg])
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    bounds = np.flatnonzero(np.diff(sorted_scores)) + 1
-    starts, ends = np.concatenate([[0], bounds]), np.concatenate([bounds, [scores.size]])
-    ranks = np.empty(scores.size)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return float((ranks[:pos.size].sum() - pos.size * (pos.size + 1) / 2.0) / (pos.size * neg.size))
 
 
 def plant(rows: list[PreferenceRow], fmt: ChatFormat, *, strategies=STRATEGIES, n_pairs: int = 100,

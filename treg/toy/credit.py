@@ -12,27 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from treg.method.metrics import auroc  # noqa: F401  (credit.auroc: the toy's API)
 from treg.toy import world
-
-
-def auroc(positive_scores, negative_scores) -> float | None:
-    """P(score of a random positive > score of a random negative), ties = 1/2; None if a class is empty."""
-    pos = np.asarray(positive_scores, dtype=np.float64)
-    neg = np.asarray(negative_scores, dtype=np.float64)
-    if pos.size == 0 or neg.size == 0:
-        return None
-    scores = np.concatenate([pos, neg])
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(scores.size, dtype=np.float64)
-    sorted_scores = scores[order]
-    # average ranks (1-based) over runs of ties
-    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [scores.size]])
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e + 1) / 2.0
-    u = ranks[:pos.size].sum() - pos.size * (pos.size + 1) / 2.0
-    return float(u / (pos.size * neg.size))
 
 
 def token_labels(query: str, response: str) -> list[str]:
