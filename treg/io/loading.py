@@ -89,26 +89,36 @@ def load_tokenizer(path: str, *, field: str | None = "model", trust_remote_code:
     return tokenizer
 
 
+def _load_model(auto_class, path: str, what: str, *, field: str | None, dtype, device, trust_remote_code: bool,
+                eval_mode: bool = True, **kwargs):
+    """The skeleton every model load shares: path and weights checks, opt-in remote code, one-line errors,
+    placement on ``device`` (when given) and eval mode. Returns ``from_pretrained``'s result."""
+    check_local_path(path, field, what="model directory")
+    extra = {**check_weights(path, field), **kwargs}
+    if trust_remote_code:
+        extra["trust_remote_code"] = True
+    try:
+        out = auto_class.from_pretrained(path, dtype=dtype, **extra)
+    except (OSError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError) as err:
+        raise TregError(f"cannot load {what} ({_first_line(err)})", file=path, field=field) from None
+    model = out[0] if isinstance(out, tuple) else out
+    if device is not None:
+        model = model.to(device)
+    if eval_mode:
+        model.eval()
+    return (model, *out[1:]) if isinstance(out, tuple) else model
+
+
 def load_causal_lm(path: str, *, dtype: str | None = "auto", device=None, attn_implementation: str | None = None,
                    trust_remote_code: bool = False, field: str | None = "model", eval_mode: bool = True):
     """``AutoModelForCausalLM`` of ``path`` in ``dtype`` (see :func:`resolve_dtype`), moved to ``device``
     when one is given, in eval mode unless ``eval_mode=False``. Without a device (training: the Trainer
     places the model), ``dtype="auto"`` keeps the checkpoint's own dtype, as transformers' ``dtype="auto"``."""
     from transformers import AutoModelForCausalLM
-    check_local_path(path, field, what="model directory")
-    extra = check_weights(path, field)
-    if attn_implementation:
-        extra["attn_implementation"] = attn_implementation
-    if trust_remote_code:
-        extra["trust_remote_code"] = True
-    try:
-        torch_dtype = "auto" if device is None and (dtype or "auto") == "auto" else resolve_dtype(dtype, device)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
-    except (OSError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError) as err:
-        raise TregError(f"cannot load a causal LM ({_first_line(err)})", file=path, field=field) from None
-    if device is not None:
-        model = model.to(device)
-    return model.eval() if eval_mode else model
+    torch_dtype = "auto" if device is None and (dtype or "auto") == "auto" else resolve_dtype(dtype, device)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return _load_model(AutoModelForCausalLM, path, "a causal LM", field=field, dtype=torch_dtype, device=device,
+                       trust_remote_code=trust_remote_code, eval_mode=eval_mode, **extra)
 
 
 def load_reward_model(path: str, *, dtype: str | None = "auto", device=None, trust_remote_code: bool = False,
@@ -116,18 +126,9 @@ def load_reward_model(path: str, *, dtype: str | None = "auto", device=None, tru
     """``(model, loading_info)`` of a sequence-classification reward model, eval mode on ``device``
     (its tokenizer: :func:`load_tokenizer`)."""
     from transformers import AutoModelForSequenceClassification
-    check_local_path(path, field, what="model directory")
-    extra = check_weights(path, field)
-    if trust_remote_code:
-        extra["trust_remote_code"] = True
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=resolve_dtype(dtype, device), output_loading_info=True, **extra)
-    except (OSError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError) as err:
-        raise TregError(f"cannot load a reward model ({_first_line(err)})", file=path, field=field) from None
-    if device is not None:
-        model = model.to(device)
-    return model.eval(), info
+    return _load_model(AutoModelForSequenceClassification, path, "a reward model", field=field,
+                       dtype=resolve_dtype(dtype, device), device=device, trust_remote_code=trust_remote_code,
+                       output_loading_info=True)
 
 
 def pad_token_id(tokenizer) -> int:
