@@ -44,6 +44,7 @@ from treg.method.seqscore import Progress, score_sequences
 from treg.method.templates import Template, load_template, render
 from treg.method.token_rewards import PLAIN_REF, TOKEN_REWARD_SOURCES, TokenRewardSource
 from treg.io.schema import IDS, PROMPT, REF_SUM, REF_TOK, REWARDS, SIDES, SOURCE_INDEX, STAGE, TEXT, features
+
 # Default padded tokens per forward, by device type. On CPU, throughput falls for big batches
 # (activations leave the caches): the toy checkpoint on 2 cores scores 61.6k tok/s at 2,048 tokens
 # vs 35.0k at 16,384, a hidden-256 Llama 7.3k vs 5.8k (docs/benchmarks.md, "annotate").
@@ -53,6 +54,14 @@ CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 2048, 16384
 def default_batch_tokens(device) -> int:
     """``--batch-tokens`` when not given: 2,048 on CPU, 16,384 on accelerators (cuda, mps, xpu...)."""
     return CPU_BATCH_TOKENS if torch.device(device).type == "cpu" else GPU_BATCH_TOKENS
+
+
+def source_spec(source: str) -> TokenRewardSource:
+    """The registry entry of ``source`` (TregError naming the choices when there is none)."""
+    spec = TOKEN_REWARD_SOURCES.get(source)
+    if spec is None:
+        raise TregError(f"unknown source '{source}' (choose {', '.join(TOKEN_REWARD_SOURCES)})", field="source")
+    return spec
 
 
 @dataclass
@@ -66,10 +75,7 @@ class AnnotateConfig:
     use_chat_template: bool = True
 
     def __post_init__(self):
-        if self.source not in TOKEN_REWARD_SOURCES:
-            raise TregError(f"unknown source '{self.source}' (choose {', '.join(TOKEN_REWARD_SOURCES)})",
-                            field="source")
-        if self.spec.needs_template and self.template is None:
+        if source_spec(self.source).needs_template and self.template is None:
             self.template = load_template("revision")
         if self.batch_tokens < 1:
             raise TregError("must be >= 1", field="batch_tokens")
@@ -191,9 +197,7 @@ def annotate(model, tokenizer, rows, *, template: str | Template = "revision", s
 
 def make_config(*, template, source, beta, max_length, batch_tokens, use_chat_template, dpo_model) -> AnnotateConfig:
     """Validate options and build an :class:`AnnotateConfig` (TregError on a bad combination)."""
-    spec = TOKEN_REWARD_SOURCES.get(source)
-    if spec is None:
-        raise TregError(f"unknown source '{source}' (choose {', '.join(TOKEN_REWARD_SOURCES)})", field="source")
+    spec = source_spec(source)
     if spec.needs_dpo_model and dpo_model is None:
         raise TregError(f"--source {source} needs --dpo-model", field="dpo_model")
     if not spec.needs_dpo_model and dpo_model is not None:
