@@ -73,21 +73,41 @@ def _tile_logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float 
     return logits
 
 
+STATS = ("entropy", "mean_logit", "is_top1")  # optional no-grad per-token statistics (TRL's metric inputs)
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) int64 in [0, V) -> (N,) float32."""
+    """hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) int64 in [0, V) -> (N,) float32.
+
+    ``stats``: None, or a dict that receives (N,) float32 ``entropy`` (of the next-token distribution),
+    ``mean_logit`` (mean logit over the vocabulary) and ``is_top1`` (1.0 where the target is the first
+    argmax), computed from the same tiles without gradient (one extra tile alive while it runs)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, softcap, chunk_size, stats=None):
         n_rows = hidden.shape[0]
         out = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # log sum_v exp(logit_v)
+        if stats is not None:
+            stats.update({k: torch.empty(n_rows, dtype=torch.float32, device=hidden.device) for k in STATS})
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, n_rows, chunk_size):
                 e = min(s + chunk_size, n_rows)
                 logits = _tile_logits(hidden[s:e], weight, bias, softcap)           # (n, V) f32
                 target_logit = logits.gather(1, targets[s:e, None])[:, 0]            # (n,)
                 row_max = logits.amax(1, keepdim=True)                               # (n, 1)
-                lse[s:e] = row_max[:, 0] + logits.sub_(row_max).exp_().sum(1).log_()  # in place: one tile
+                if stats is None:
+                    lse[s:e] = row_max[:, 0] + logits.sub_(row_max).exp_().sum(1).log_()  # in place: one tile
+                else:
+                    stats["mean_logit"][s:e] = logits.mean(1)
+                    stats["is_top1"][s:e] = (logits.argmax(1) == targets[s:e]).float()
+                    shifted = logits.sub_(row_max)                                   # z - max, in place
+                    p = shifted.exp()                                                # (n, V) unnormalised probs
+                    total = p.sum(1)
+                    log_total = total.log()
+                    lse[s:e] = row_max[:, 0] + log_total
+                    stats["entropy"][s:e] = log_total - p.mul_(shifted).sum(1) / total  # H = lse - E_p[z]
+                    del p
                 out[s:e] = target_logit - lse[s:e]                                   # log p(target)
                 del logits  # free this tile before the next one is allocated
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
@@ -143,17 +163,18 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                     grad_w[v0:v1].copy_(acc_w[: v1 - v0])
                 if need_b:
                     grad_b[v0:v1].copy_(acc_b[: v1 - v0])
-        return (grad_h.to(hidden.dtype) if need_h else None, grad_w, grad_b, None, None, None)
+        return (grad_h.to(hidden.dtype) if need_h else None, grad_w, grad_b, None, None, None, None)
 
 
 def chunked_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
-                        softcap: float | None = None, chunk_size: int = 512) -> Tensor:
+                        softcap: float | None = None, chunk_size: int = 512, stats: dict | None = None) -> Tensor:
     """float32 ``log softmax(hidden @ weight.T + bias)[targets]`` computed ``chunk_size`` rows at a time.
 
     hidden: (N, H) or (B, T, H), any float dtype (bf16 is computed in fp32, gradients returned in the
     input dtype). weight: (V, H). bias: (V,) or None. targets: int, the leading shape of hidden; -100
     means ignore (output 0, no gradient). softcap: Gemma-2 ``final_logit_softcapping`` c, logits =
-    c*tanh(logits/c). Returns float32 with the shape of targets.
+    c*tanh(logits/c). Returns float32 with the shape of targets. ``stats``: optional dict, filled with
+    float32 tensors of targets' shape (0 at ignored targets, no gradient) named in :data:`STATS`.
     """
     if hidden.dim() < 2 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden (..., H) and weight (V, H) do not match: {tuple(hidden.shape)} vs "
@@ -172,10 +193,17 @@ def chunked_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias
     if bool(bad.any()):
         raise ValueError(f"targets must be in [0, {weight.shape[0]}) or -100, got {int(flat_t[bad][0])}")
     idx = keep.nonzero().flatten()                                    # rows actually scored
+    rows = {} if stats is not None else None
     vals = _ChunkedTokenLogps.apply(flat_h.index_select(0, idx), weight, bias, flat_t[idx],
-                                    None if softcap is None else float(softcap), int(chunk_size))
-    out = torch.zeros(flat_t.shape, dtype=torch.float32, device=hidden.device).index_put((idx,), vals)
-    return out.reshape(targets.shape)
+                                    None if softcap is None else float(softcap), int(chunk_size), rows)
+
+    def spread(v: Tensor) -> Tensor:
+        return torch.zeros(flat_t.shape, dtype=torch.float32, device=hidden.device).index_put((idx,), v) \
+            .reshape(targets.shape)
+
+    if stats is not None:
+        stats.update({k: spread(v) for k, v in rows.items()})
+    return spread(vals)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,15 +277,25 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _naive_token_logps(model, input_ids, attention_mask, targets, extra) -> Tensor:
+def _naive_token_logps(model, input_ids, attention_mask, targets, extra, stats=None) -> Tensor:
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
     logits = logits[:, -input_ids.shape[1]:-1].float()                             # (B, L-1, V)
-    lp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return torch.where(targets == IGNORE_INDEX, torch.zeros_like(lp), lp)
+    logp = torch.log_softmax(logits, -1)
+    lp = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    ignored = targets == IGNORE_INDEX
+    if stats is not None:
+        with torch.no_grad():
+            zero = torch.zeros((), device=lp.device)
+            values = {"entropy": -(logp.exp() * logp).sum(-1), "mean_logit": logits.mean(-1),
+                      "is_top1": (logits.argmax(-1) == targets).float()}
+            stats.update({k: torch.cat([torch.zeros_like(v[:, :1]), torch.where(ignored, zero, v)], 1)
+                          for k, v in values.items()})
+    return torch.where(ignored, torch.zeros_like(lp), lp)
 
 
 def model_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, chunk_size: int = 512,
-                      naive: bool = False, positions: Tensor | None = None, prefix=None) -> Tensor:
+                      naive: bool = False, positions: Tensor | None = None, prefix=None,
+                      stats: dict | None = None) -> Tensor:
     """float32 (B, L): out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]); out[:, 0] = 0 and 0 where
     attention_mask is 0 (also at a left-padded row's first real token, which has no context).
     Differentiable w.r.t. the model's parameters. input_ids, attention_mask: (B, L), right or left padded.
@@ -269,7 +307,11 @@ def model_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     prefix: optional ``(cache, prefix_mask)``: the rows continue a KV cache (a transformers ``Cache``
     holding B rows of P positions; ``prefix_mask`` (B, P) marks its real positions, right padded).
     ``input_ids`` must then be right padded; positions continue from each row's real prefix length
-    (treg.method.seqscore's shared-context path)."""
+    (treg.method.seqscore's shared-context path).
+
+    stats: optional dict, filled with (B, L) float32 no-grad tensors aligned like the output (0 where
+    the output is 0): ``entropy``, ``mean_logit`` and ``is_top1`` (see :data:`STATS`), from the same
+    head tiles (no extra forward, no (B, T, V) logits on the chunked path)."""
     batch, length = input_ids.shape
     scored = (attention_mask[:, 1:] != 0) & (attention_mask[:, :-1] != 0)        # token and its context
     if positions is not None:
@@ -293,7 +335,7 @@ def model_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
             _warn_once(f"treg.method.logprobs: using full logits (more memory) for {type(model).__name__}: {parts}")
             parts = None
     if parts is None:
-        return torch.cat([zero_col, _naive_token_logps(model, input_ids, attention_mask, targets, extra)], 1)
+        return torch.cat([zero_col, _naive_token_logps(model, input_ids, attention_mask, targets, extra, stats)], 1)
 
     decoder, weight, bias, softcap, scale = parts
     captured: list[Tensor] = []
@@ -315,8 +357,12 @@ def model_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
         _warn_once(f"treg.method.logprobs: using full logits (more memory) for {type(model).__name__}: {reason}")
         if prefix is not None:  # the forward above appended these tokens to the cache: drop them again
             prefix[0].crop(-length)  # negative: "remove this many" in every transformers 5.x
-        return torch.cat([zero_col, _naive_token_logps(model, input_ids, attention_mask, targets, extra)], 1)
-    lp = chunked_token_logps(hidden[:, :-1], weight, targets, bias=bias, softcap=softcap, chunk_size=chunk_size)
+        return torch.cat([zero_col, _naive_token_logps(model, input_ids, attention_mask, targets, extra, stats)], 1)
+    rows = {} if stats is not None else None
+    lp = chunked_token_logps(hidden[:, :-1], weight, targets, bias=bias, softcap=softcap, chunk_size=chunk_size,
+                             stats=rows)
+    if stats is not None:
+        stats.update({k: torch.cat([zero_col, v], 1) for k, v in rows.items()})
     return torch.cat([zero_col, lp], 1)
 
 
