@@ -120,7 +120,7 @@ def child(args) -> dict:
     else:
         from treg.stages.config import TRegConfig
         from treg.stages.trainer import TRegTrainer
-        trainer = TRegTrainer(model, TRegConfig(alpha=0.25 if args.child == "reg" else 0.0, **common), data,
+        trainer = TRegTrainer(model, args=TRegConfig(alpha=0.25 if args.child == "reg" else 0.0, **common), train_dataset=data,
                               processing_class=tok, callbacks=[Clock()])
     if cuda:
         torch.cuda.reset_peak_memory_stats()

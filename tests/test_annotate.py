@@ -100,7 +100,8 @@ def test_stored_reference_sums_the_tokens_the_trainer_scores(tok, model, tmp_pat
     stored = [c for c in ds.column_names if c.startswith("ref_")]
     args = TRegConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", alpha=0.25, disable_tqdm=True,
                       per_device_eval_batch_size=5)
-    trainer = TRegTrainer(copy.deepcopy(model), args, ds.remove_columns(stored), processing_class=tok)
+    trainer = TRegTrainer(copy.deepcopy(model), args=args, train_dataset=ds.remove_columns(stored),
+                          processing_class=tok)
     for col in stored:
         got, want = trainer.train_dataset[col], ds[col]
         if col.endswith("token_logps"):

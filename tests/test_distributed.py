@@ -39,7 +39,7 @@ def run(out, per_device, grad_acc=1):
                       gradient_accumulation_steps=grad_acc, learning_rate=1e-3, logging_steps=1, seed=0,
                       save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, alpha=0.25,
                       lr_scheduler_type="constant")
-    trainer = TRegTrainer(tiny_llama(len(tok)), args, make_pairs(16), processing_class=tok)
+    trainer = TRegTrainer(tiny_llama(len(tok)), args=args, train_dataset=make_pairs(16), processing_class=tok)
     trainer.train()
     world = trainer.accelerator.num_processes
     result = {"world": world, "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],

@@ -204,7 +204,7 @@ def test_lora_trains_only_the_adapter_and_resumes_exactly(ckpt, annotated, tmp_p
                          logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True, seed=0, alpha=0.5,
                          lr_scheduler_type="constant", **kw)
         peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-        trainer = TRegTrainer(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), cfg, data,
+        trainer = TRegTrainer(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), args=cfg, train_dataset=data,
                               processing_class=tok, peft_config=peft)
         trainer.train(resume_from_checkpoint=resume)
         return trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -95,8 +95,8 @@ def test_trainer_reference_pass_follows_needs_ref(method, tmp_path):
     trains every entry; nothing in the trainer names a loss."""
     tok = tiny_tokenizer("llama3")
     beta = 2.0 if method == "simpo" else 0.1
-    trainer = TRegTrainer(tiny_llama(len(tok)), _config(tmp_path, method=method, beta=beta, alpha=0.25),
-                          make_pairs(8), processing_class=tok)
+    trainer = TRegTrainer(tiny_llama(len(tok)), args=_config(tmp_path, method=method, beta=beta, alpha=0.25),
+                          train_dataset=make_pairs(8), processing_class=tok)
     has_ref = all(c in trainer.train_dataset.column_names for c in schema.REF_SUM.values())
     assert has_ref == PREFERENCE_LOSSES[method].needs_ref
     trainer.train()
@@ -112,8 +112,8 @@ def test_a_new_loss_is_one_entry(tmp_path):
                                                       needs_ref=True, link=dpo.link, link_weight=dpo.link_weight)
     try:
         tok = tiny_tokenizer("llama3")
-        trainer = TRegTrainer(tiny_llama(len(tok)), _config(tmp_path, method="dpo_norm_test", alpha=0.1),
-                              make_pairs(8), processing_class=tok)
+        trainer = TRegTrainer(tiny_llama(len(tok)), args=_config(tmp_path, method="dpo_norm_test", alpha=0.1),
+                              train_dataset=make_pairs(8), processing_class=tok)
         assert schema.REF_SUM["chosen"] in trainer.train_dataset.column_names
         trainer.train()
         assert any("loss" in h for h in trainer.state.log_history)

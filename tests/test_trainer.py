@@ -34,8 +34,8 @@ def losses(trainer) -> list[float]:
 
 
 def train(tok, tmp_path, data=None, model=None, **kw) -> TRegTrainer:
-    trainer = TRegTrainer(model or tiny_llama(len(tok)), config(tmp_path, **kw),
-                          make_pairs(16) if data is None else data, processing_class=tok)
+    trainer = TRegTrainer(model or tiny_llama(len(tok)), args=config(tmp_path, **kw),
+                          train_dataset=make_pairs(16) if data is None else data, processing_class=tok)
     trainer.train()
     return trainer
 
@@ -58,8 +58,8 @@ def test_alpha0_reproduces_trl_dpo_trainer(tok, tmp_path):
 
     common = dict(max_steps=20, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, seed=0,
                   save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, beta=0.1)
-    ours = TRegTrainer(tiny_llama(len(tok)), TRegConfig(output_dir=str(tmp_path / "a"), alpha=0.0, **common),
-                       make_pairs(16), processing_class=tok)
+    ours = TRegTrainer(tiny_llama(len(tok)), args=TRegConfig(output_dir=str(tmp_path / "a"), alpha=0.0, **common),
+                       train_dataset=make_pairs(16), processing_class=tok)
     data = ours.train_dataset            # with our one-pass reference log-probs
     ours.train()
     trl_data = data.select_columns(["prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
@@ -96,11 +96,13 @@ def test_resume_from_checkpoint_reproduces_trajectory(tok, tmp_path):
     """6 steps straight vs 3 steps + resume from checkpoint-3: identical losses for steps 4-6."""
     full = train(tok, tmp_path / "full", max_steps=6, alpha=0.25)
     kw = dict(max_steps=6, alpha=0.25, save_strategy="steps", save_steps=3, output_dir=str(tmp_path / "ck"))
-    first = TRegTrainer(tiny_llama(len(tok)), config(tmp_path, **kw), make_pairs(16), processing_class=tok)
+    first = TRegTrainer(tiny_llama(len(tok)), args=config(tmp_path, **kw), train_dataset=make_pairs(16),
+                        processing_class=tok)
     first.train()
     ckpt = tmp_path / "ck" / "checkpoint-3"
     assert ckpt.is_dir()
-    resumed = TRegTrainer(tiny_llama(len(tok)), config(tmp_path, **kw), make_pairs(16), processing_class=tok)
+    resumed = TRegTrainer(tiny_llama(len(tok)), args=config(tmp_path, **kw), train_dataset=make_pairs(16),
+                          processing_class=tok)
     resumed.train(resume_from_checkpoint=str(ckpt))
     tail = [h["loss"] for h in resumed.state.log_history if "loss" in h and h["step"] > 3]
     assert len(tail) == 3
@@ -143,9 +145,10 @@ def test_peft_lora_reference_is_base_model(tok, tmp_path):
     from peft import LoraConfig
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                              task_type="CAUSAL_LM")
-    plain = TRegTrainer(tiny_llama(len(tok)), config(tmp_path / "p"), make_pairs(8), processing_class=tok)
-    lora = TRegTrainer(tiny_llama(len(tok)), config(tmp_path / "l", alpha=0.25, max_steps=4), make_pairs(8),
-                       processing_class=tok, peft_config=peft_config)
+    plain = TRegTrainer(tiny_llama(len(tok)), args=config(tmp_path / "p"), train_dataset=make_pairs(8),
+                        processing_class=tok)
+    lora = TRegTrainer(tiny_llama(len(tok)), args=config(tmp_path / "l", alpha=0.25, max_steps=4),
+                       train_dataset=make_pairs(8), processing_class=tok, peft_config=peft_config)
     for col in ("ref_chosen_logps", "ref_rejected_logps"):
         assert torch.allclose(torch.tensor(plain.train_dataset[col]), torch.tensor(lora.train_dataset[col]), atol=1e-5)
     frozen = {n: p.detach().clone() for n, p in lora.model.named_parameters() if not p.requires_grad}
@@ -159,9 +162,9 @@ def test_peft_lora_reference_is_base_model(tok, tmp_path):
 
 
 def test_lora_with_gradient_checkpointing_and_bf16(tok, tmp_path):
-    t = TRegTrainer(tiny_llama(len(tok)), config(tmp_path, use_peft=True, lora_r=4, alpha=0.25, max_steps=2,
+    t = TRegTrainer(tiny_llama(len(tok)), args=config(tmp_path, use_peft=True, lora_r=4, alpha=0.25, max_steps=2,
                                                  activation_checkpointing=True, bf16=True),
-                    make_pairs(8), processing_class=tok)
+                    train_dataset=make_pairs(8), processing_class=tok)
     lora_b = {n: p.detach().clone() for n, p in t.model.named_parameters() if "lora_B" in n}
     t.train()
     assert len(losses(t)) == 2 and all(torch.isfinite(torch.tensor(losses(t))))
@@ -170,9 +173,9 @@ def test_lora_with_gradient_checkpointing_and_bf16(tok, tmp_path):
 
 
 def test_simpo_and_eval_metrics(tok, tmp_path):
-    t = TRegTrainer(tiny_llama(len(tok)), config(tmp_path, method="simpo", beta=2.0, gamma=0.5, alpha=0.25,
+    t = TRegTrainer(tiny_llama(len(tok)), args=config(tmp_path, method="simpo", beta=2.0, gamma=0.5, alpha=0.25,
                                                  eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4),
-                    make_pairs(16), eval_dataset=make_pairs(6, seed=1), processing_class=tok)
+                    train_dataset=make_pairs(16), eval_dataset=make_pairs(6, seed=1), processing_class=tok)
     assert "ref_chosen_logps" not in t.train_dataset.column_names   # SimPO needs no reference
     t.train()
     evals = [h for h in t.state.log_history if "eval_loss" in h]
@@ -181,8 +184,8 @@ def test_simpo_and_eval_metrics(tok, tmp_path):
 
 def test_evaluate_new_dataset_gets_reference_or_clear_error(tok, tmp_path):
     from treg.errors import TregError
-    t = TRegTrainer(tiny_llama(len(tok)), config(tmp_path, alpha=0.25, max_steps=2), make_pairs(8),
-                    processing_class=tok)
+    t = TRegTrainer(tiny_llama(len(tok)), args=config(tmp_path, alpha=0.25, max_steps=2),
+                    train_dataset=make_pairs(8), processing_class=tok)
     before = t.evaluate(eval_dataset=make_pairs(4, seed=2))            # initial model: reference == policy
     assert before["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     t.train()

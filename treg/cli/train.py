@@ -94,7 +94,8 @@ def main(argv: list[str]) -> int:
 
     from treg.stages.trainer import TRegTrainer
     start = time.time()
-    trainer = TRegTrainer(model, config, train_data, eval_dataset=eval_data, processing_class=tokenizer)
+    trainer = TRegTrainer(model, args=config, train_dataset=train_data, eval_dataset=eval_data,
+                          processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     save_final(trainer, config.output_dir)
     if trainer.is_world_process_zero():

@@ -110,13 +110,16 @@ def _load_model(auto_class, path: str, what: str, *, field: str | None, dtype, d
 
 
 def load_causal_lm(path: str, *, dtype: str | None = "auto", device=None, attn_implementation: str | None = None,
-                   trust_remote_code: bool = False, field: str | None = "model", eval_mode: bool = True):
+                   trust_remote_code: bool = False, field: str | None = "model", eval_mode: bool = True,
+                   **from_pretrained):
     """``AutoModelForCausalLM`` of ``path`` in ``dtype`` (see :func:`resolve_dtype`), moved to ``device``
     when one is given, in eval mode unless ``eval_mode=False``. Without a device (training: the Trainer
-    places the model), ``dtype="auto"`` keeps the checkpoint's own dtype, as transformers' ``dtype="auto"``."""
+    places the model), ``dtype="auto"`` keeps the checkpoint's own dtype, as transformers' ``dtype="auto"``.
+    ``from_pretrained``: further keywords for ``from_pretrained`` (e.g. a trainer's ``model_init_kwargs``)."""
     from transformers import AutoModelForCausalLM
     torch_dtype = "auto" if device is None and (dtype or "auto") == "auto" else resolve_dtype(dtype, device)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    extra.update(from_pretrained)
     return _load_model(AutoModelForCausalLM, path, "a causal LM", field=field, dtype=torch_dtype, device=device,
                        trust_remote_code=trust_remote_code, eval_mode=eval_mode, **extra)
 

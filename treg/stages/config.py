@@ -1,13 +1,15 @@
 """``TRegConfig``: ``transformers.TrainingArguments`` + the T-REG method fields (docs/training.md).
 
-Names shared with TRL 1.16 ``DPOConfig`` mean the same thing there and here: ``beta``,
-``max_length`` (default 1024), ``truncation_mode`` (``keep_start`` default | ``keep_end``),
-``precompute_ref_log_probs``, ``precompute_ref_batch_size``, ``disable_dropout``,
-``learning_rate`` (default 1e-6) and ``logging_steps`` (default 10). Differences from DPOConfig:
-``precompute_ref_log_probs`` defaults to True (the reference is never held in memory), and
-``bf16`` / ``activation_checkpointing`` (alias ``gradient_checkpointing``) keep the TrainingArguments
-defaults (off) so that a CPU run
-works out of the box. ``remove_unused_columns`` defaults to False (the collator needs every column).
+Names shared with TRL 1.16 ``DPOConfig`` mean the same thing there and here: ``beta``, ``loss_type``
+(mapped to ``method`` through the registry's ``trl_loss_type``), ``max_length`` (default 1024),
+``truncation_mode``, ``precompute_ref_log_probs``, ``precompute_ref_batch_size``, ``disable_dropout``,
+``model_init_kwargs``, ``trust_remote_code``, ``dataset_num_proc``, ``label_smoothing`` /
+``loss_weights`` (only their no-op values), ``learning_rate`` (1e-6), ``logging_steps`` (10).
+``bf16`` and ``activation_checkpointing`` (alias ``gradient_checkpointing``) default to TRL's "on" when
+training on a GPU and to off on CPU. Deliberate differences (the table "Coming from TRL" in
+docs/training.md): ``precompute_ref_log_probs`` defaults to True (the reference is never held in
+memory) and ``remove_unused_columns`` to False (the collator needs every column).
+:meth:`TRegConfig.from_dpo_config` converts a ``trl.DPOConfig``.
 
 :func:`parse_config` reads a YAML file and applies command-line overrides on top of it.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -36,7 +39,7 @@ RANGES = {
     "gradient_accumulation_steps": ">= 1", "weight_decay": ">= 0", "max_grad_norm": ">= 0",
     "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_epsilon": "> 0", "warmup_steps": ">= 0",
     "logging_steps": "> 0", "save_steps": "> 0", "eval_steps": "> 0", "seed": ">= 0", "data_seed": ">= 0",
-    "save_total_limit": ">= 0", "dataloader_num_workers": ">= 0",
+    "save_total_limit": ">= 0", "dataloader_num_workers": ">= 0", "dataset_num_proc": ">= 1",
 }
 
 
@@ -57,6 +60,11 @@ class TRegConfig(TrainingArguments):
     learning_rate: float = _f(1e-6, "Initial AdamW learning rate (DPOConfig default 1e-6).")
     logging_steps: float = _f(10, "Log every X update steps (int, or a float in [0, 1) = ratio of all steps).")
     remove_unused_columns: bool = _f(False, "Keep False: the pair collator needs every dataset column.")
+    bf16: bool | None = _f(None, "bf16 mixed precision. Default: on when training on a GPU that supports it "
+                                 "(as TRL), off on CPU.")
+    activation_checkpointing: bool | None = _f(None, "Recompute activations in the backward to save memory. "
+                                                     "Default: on when training on a GPU (as TRL), off on CPU.",
+                                               nargs="?", const=True)
 
     # -- model and data
     model_name_or_path: str | None = _f(None, "Policy model to train (local directory or hub id); the "
@@ -105,13 +113,32 @@ class TRegConfig(TrainingArguments):
     lora_target_modules: list[str] | None = _f(None, "Module names to adapt (default: all linear layers "
                                                      "except the LM head).")
 
+    # -- TRL DPOConfig names (docs/training.md "Coming from TRL")
+    loss_type: list[str] | None = _f(None, "TRL DPOConfig.loss_type, read as the method whose entry has this "
+                                           "TRL name (sigmoid = dpo); default: the method's.")
+    label_smoothing: float = _f(0.0, "TRL DPOConfig.label_smoothing: only 0 (no smoothing) is supported.")
+    loss_weights: list[float] | None = _f(None, "TRL DPOConfig.loss_weights: only one loss of weight 1.")
+    model_init_kwargs: dict | str | None = _f(None, "from_pretrained keywords (dtype, attn_implementation, "
+                                                    "revision, ...) when the trainer gets a model name or path.")
+    trust_remote_code: bool = _f(False, "Allow a model name/path given to the trainer to run its own code.")
+    dataset_num_proc: int | None = _f(None, "Processes for tokenizing a TRL-format dataset.")
+
     # -- safety
     allow_pickle_weights: bool = _f(False, "Load a model directory that has only pickle weights "
                                            "(pytorch_model.bin), with torch.load(weights_only=True); default: "
                                            "safetensors only (convert: python -m treg.io.weights DIR).")
 
     def __post_init__(self):
+        if isinstance(self.loss_type, str):  # DPOConfig accepts one name or a list
+            self.loss_type = [self.loss_type]
+        if isinstance(self.model_init_kwargs, str):  # from the command line / YAML as JSON
+            try:
+                self.model_init_kwargs = json.loads(self.model_init_kwargs)
+            except json.JSONDecodeError as err:
+                raise TregError(f"not a JSON object ({err})", field="model_init_kwargs") from None
         check_fields(self, RANGES)
+        self._trl_names()
+        self._device_defaults()
         checks = [
             (self.method in PREFERENCE_LOSSES, "method",
              f"unknown method '{self.method}' (choose {', '.join(PREFERENCE_LOSSES)})"),
@@ -129,6 +156,83 @@ class TRegConfig(TrainingArguments):
         if self.lora_target_modules is None and self.use_peft:
             self.lora_target_modules = ["all-linear"]
         super().__post_init__()
+
+    def _trl_names(self) -> None:
+        """DPOConfig's loss fields: ``loss_type`` -> ``method`` via the registry; the rest only at no-op values."""
+        if self.loss_type is not None:
+            if len(self.loss_type) != 1:
+                raise TregError(f"loss_type {self.loss_type}: combining several losses is not supported "
+                                "(give one)", field="loss_type")
+            by_trl = {e.trl_loss_type: name for name, e in PREFERENCE_LOSSES.items() if e.trl_loss_type}
+            wanted = self.loss_type[0]
+            if wanted not in by_trl:
+                raise TregError(f"loss_type '{wanted}' has no treg method (supported: "
+                                f"{', '.join(f'{t} ({m})' for t, m in by_trl.items())})", field="loss_type")
+            default_method = next(f.default for f in dataclasses.fields(TRegConfig) if f.name == "method")
+            if self.method not in (default_method, by_trl[wanted]):
+                raise TregError(f"loss_type '{wanted}' means method '{by_trl[wanted]}' but method is "
+                                f"'{self.method}' (set one of them)", field="loss_type")
+            self.method = by_trl[wanted]
+        if self.label_smoothing != 0:
+            raise TregError(f"label_smoothing={self.label_smoothing} is not implemented (TRL 1.16 uses it only "
+                            "for loss types treg lacks); leave it 0", field="label_smoothing")
+        if self.loss_weights is not None and list(self.loss_weights) != [1.0]:
+            raise TregError(f"loss_weights {self.loss_weights}: only one loss of weight 1 is supported",
+                            field="loss_weights")
+
+    def _device_defaults(self) -> None:
+        """TRL's bf16 / activation-checkpointing defaults (on) when training on a GPU; off on CPU."""
+        import torch
+        gpu = not self.use_cpu and torch.cuda.is_available()
+        if self.bf16 is None:
+            self.bf16 = gpu and not self.fp16 and torch.cuda.is_bf16_supported()
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = gpu
+
+    @classmethod
+    def from_dpo_config(cls, dpo_config, **overrides) -> "TRegConfig":
+        """A TRegConfig with every field of a ``trl.DPOConfig`` (``overrides``, e.g. ``alpha=...``, on top).
+
+        A DPOConfig field treg does not have is accepted only at DPOConfig's default value (it then changes
+        nothing); otherwise one TregError names it. TRL's resolved values (e.g. ``bf16``) are copied as such.
+        """
+        return cls(**dpo_config_kwargs(dpo_config, cls, overrides))
+
+
+def _declared_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def dpo_config_kwargs(dpo_config, cls=TRegConfig, overrides: dict | None = None) -> dict:
+    """``cls(**kwargs)`` arguments equivalent to ``dpo_config`` (see :meth:`TRegConfig.from_dpo_config`).
+
+    A field at DPOConfig's declared default is passed as declared (so TRL's own defaults carry over, e.g.
+    ``precompute_ref_log_probs=False``), any other as its value (so what DPOConfig resolved, e.g.
+    ``bf16=True`` unless fp16, stays). A non-default field ``cls`` lacks is a TregError naming it."""
+    overrides = dict(overrides or {})
+    ours = {f.name for f in dataclasses.fields(cls) if f.init}
+    for name in overrides:
+        if name not in ours:
+            raise TregError("unknown TRegConfig field", field=name)
+    dpo_fields = [f for f in dataclasses.fields(dpo_config) if f.init]
+    kwargs = {}
+    for f in dpo_fields:
+        value, default = getattr(dpo_config, f.name), _declared_default(f)
+        changed = value != default
+        if f.name not in ours:
+            if changed:
+                raise TregError(f"DPOConfig.{f.name}={value!r} has no treg equivalent (leave it at {default!r})",
+                                field=f.name)
+            continue
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):  # e.g. AcceleratorConfig -> dict
+            value = dataclasses.asdict(value)
+        kwargs[f.name] = getattr(value, "value", value) if changed else default  # enums -> their value
+    if "method" in overrides and "loss_type" not in overrides:
+        kwargs.pop("loss_type", None)  # the override names the method
+    kwargs.update(overrides)
+    return kwargs
 
 
 class _Parser(HfArgumentParser):

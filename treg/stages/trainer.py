@@ -29,10 +29,11 @@ from collections import defaultdict
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import set_seed
 
 from treg.stages.config import TRegConfig
+from treg.stages.trl_data import prepare_dataset, resolve_model
 from treg.io.data import PairCollator, response_window, truncate_pairs
 from treg.io.schema import IDS, PROMPT, REF_SUM, REF_TOK, REWARD_COLUMNS, SIDES, required_columns
 from treg.errors import TregError
@@ -44,8 +45,10 @@ logger = logging.getLogger(__name__)
 
 # Fixed order so that every process gathers the same vector (a metric a process lacks weighs 0).
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-               "logps/rejected", "treg/pref_loss", "treg/reg_loss", "treg/seq_weight", "treg/token_reward_mean_chosen",
+               "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy",
+               "treg/pref_loss", "treg/reg_loss", "treg/seq_weight", "treg/token_reward_mean_chosen",
                "treg/token_reward_mean_rejected", "treg/credit_agreement")
+_TOKENS = "_tokens"  # non-pad tokens of a training micro-batch: summed into the cumulative ``num_tokens``
 _COLUMNS = [PROMPT, *IDS.values(), *REWARD_COLUMNS, *REF_SUM.values(), *REF_TOK.values()]
 
 
@@ -110,71 +113,133 @@ def check_report_to(args) -> None:
                         field="use_liger_kernel")
 
 
-class TRegTrainer(Trainer):
-    """Trainer for DPO/SimPO with token-level reward regularization.
+def _check_args(args, model) -> TRegConfig:
+    """``args`` as a TRegConfig: None -> defaults (output ``<model name>-TReg``, as TRL's ``<name>-DPO``)."""
+    if args is None:
+        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+        return TRegConfig(output_dir=f"{(str(name).rstrip('/').split('/')[-1] or 'model')}-TReg")
+    if isinstance(args, TRegConfig):
+        return args
+    if hasattr(args, "loss_type") and isinstance(args, TrainingArguments):
+        raise TregError("args is a trl.DPOConfig; convert it with TRegConfig.from_dpo_config(args, alpha=...)",
+                        field="args")
+    raise TregError(f"args must be a TRegConfig, got {type(args).__name__}", field="args")
 
-    ``train_dataset`` / ``eval_dataset``: validated annotated datasets (:func:`treg.io.data.load_annotated`);
+
+def _eval_list(eval_dataset) -> list:
+    if eval_dataset is None:
+        return []
+    return list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
+
+
+def _map_eval(eval_dataset, fn):
+    """Apply ``fn(dataset, name)`` to an eval dataset or to each of a dict of them (names ``eval`` / keys)."""
+    if eval_dataset is None or isinstance(eval_dataset, str):
+        return eval_dataset
+    if isinstance(eval_dataset, dict):
+        return {key: fn(d, key) for key, d in eval_dataset.items()}
+    return fn(eval_dataset, "eval")
+
+
+class TRegTrainer(Trainer):
+    """Trainer for DPO/SimPO with token-level reward regularization; a drop-in for ``trl.DPOTrainer`` 1.16.
+
+    The arguments are ``trl.DPOTrainer``'s, in its order. ``model``: a model, or a name/path loaded with
+    ``args.model_init_kwargs`` (and ``quantization_config``). ``ref_model``: optional reference; default:
+    the initial policy (PEFT: adapters disabled), scored once before training (``precompute_ref_log_probs``)
+    or every step. ``args``: a :class:`TRegConfig` (``TRegConfig.from_dpo_config`` converts a DPOConfig;
+    None: defaults, output in ``<model name>-TReg``). ``train_dataset`` / ``eval_dataset``: a TRL
+    preference dataset in any TRL format (:mod:`treg.stages.trl_data`) or treg's annotated dataset;
     truncation to ``args.max_length`` happens here (pairs it empties are dropped and counted in
-    ``self.dropped_pairs`` and the ``data/dropped_pairs`` log entry). ``processing_class``: the
-    tokenizer (for its pad id; saved with checkpoints). ``peft_config``: optional; built from
-    ``args.use_peft``/``lora_*`` when not given.
+    ``self.dropped_pairs`` and the ``data/dropped_pairs`` log entry). ``processing_class``: the tokenizer
+    (default: loaded from the model's name/path). ``data_collator``: default :class:`PairCollator` (a
+    custom one gets treg's rows and must return its keys). ``peft_config``: optional; built from
+    ``args.use_peft``/``lora_*`` when not given. ``compute_metrics``, ``callbacks``, ``optimizers``: as Trainer.
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean over pairs
 
-    def __init__(self, model, args: TRegConfig, train_dataset, eval_dataset=None, processing_class=None,
-                 callbacks=None, optimizers=(None, None), peft_config=None):
-        if processing_class is None:
-            raise ValueError("TRegTrainer needs processing_class (the tokenizer) for its pad token id")
-        pad_id = pad_token_id(processing_class)
-        need = required_columns(need_token_rewards=needs_token_rewards(args.alpha))
-        missing = [c for c in need if c not in train_dataset.column_names]
-        if missing:
-            why = f"alpha={args.alpha} needs token rewards" if missing[0] in REWARD_COLUMNS else "not an annotated dataset"
-            raise TregError(f"{why}; the dataset has no '{missing[0]}' (run 'treg annotate'"
-                            f"{', or set alpha 0' if missing[0] in REWARD_COLUMNS else ''})", field=missing[0])
+    def __init__(self, model, ref_model=None, args: TRegConfig | None = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None):
+        if isinstance(ref_model, TrainingArguments):
+            raise TregError("got the config as ref_model: TRegTrainer takes trl.DPOTrainer's arguments (model, "
+                            "ref_model, args, data_collator, train_dataset, ...); pass args= and train_dataset= "
+                            "by name", field="ref_model")
+        args = _check_args(args, model)
+        if train_dataset is None:
+            raise TregError("train_dataset is required", field="train_dataset")
         check_report_to(args)
+        set_seed(args.seed)  # LoRA init and anything else drawn while building draws from the global RNG
+        model, processing_class = resolve_model(model, args, processing_class, quantization_config)
+        if ref_model is not None and ref_model is model:
+            raise TregError("model and ref_model are the same object; omit ref_model to use the initial model",
+                            field="ref_model")
+        pad_id = pad_token_id(processing_class)
+        num_proc = args.dataset_num_proc
+        train_dataset = prepare_dataset(train_dataset, processing_class, num_proc=num_proc, name="train")
+        eval_dataset = _map_eval(eval_dataset, lambda d, n: prepare_dataset(d, processing_class, num_proc=num_proc,
+                                                                            name=n))
+        self._check_rewards(train_dataset, args)
         if peft_config is None and args.use_peft:
             peft_config = lora_config(args)
         if peft_config is not None:
+            if is_peft_model(model):
+                raise TregError("the model is already a PeftModel and a peft_config is given (give one)",
+                                field="peft_config")
             from peft import get_peft_model
-            set_seed(args.seed)  # LoRA init draws from the global RNG
             model = get_peft_model(model, peft_config)
         if args.disable_dropout:
             disable_dropout(model)
+            if ref_model is not None:
+                disable_dropout(ref_model)
         if is_peft_model(model) and args.gradient_checkpointing:
             model.enable_input_require_grads()
+        if args.use_liger_kernel:  # layer kernels only: the fused LM-head loss would replace the forward
+            args.liger_kernel_config = {**(args.liger_kernel_config or {}), "fused_linear_cross_entropy": False}
         train_dataset, self.dropped_pairs = truncate_pairs(train_dataset, args.max_length, args.truncation_mode)
-        if eval_dataset is not None:
-            eval_dataset, _ = truncate_pairs(eval_dataset, args.max_length, args.truncation_mode)
+        eval_dataset = _map_eval(eval_dataset, lambda d, n: truncate_pairs(d, args.max_length,
+                                                                           args.truncation_mode)[0])
         needs_ref = PREFERENCE_LOSSES[args.method].needs_ref
-        in_data = all(REF_SUM[s] in d.column_names for d in (train_dataset, eval_dataset) if d is not None
+        in_data = all(REF_SUM[s] in d.column_names for d in (train_dataset, *_eval_list(eval_dataset))
                       for s in SIDES)
-        live_copy = None  # full fine-tuning scored against the reference every step: a frozen copy
-        if needs_ref and not in_data and not args.precompute_ref_log_probs and not is_peft_model(model):
-            live_copy = copy.deepcopy(model).eval().requires_grad_(False)
-        collator = PairCollator(pad_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of)
+        if ref_model is None and needs_ref and not in_data and not args.precompute_ref_log_probs \
+                and not is_peft_model(model):
+            ref_model = copy.deepcopy(model)  # full fine-tuning scored against the reference every step
+        collator = data_collator or PairCollator(pad_id, args.max_length, args.truncation_mode,
+                                                 args.pad_to_multiple_of)
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
-                         optimizers=optimizers)
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers)
         self._metrics = {m: defaultdict(lambda: [0.0, 0.0]) for m in ("train", "eval")}  # key -> [sum v*w, sum w]
+        self._total_train_tokens = 0
         self.ref_model = None
-        if live_copy is not None:
-            self.ref_model = self.accelerator.prepare_model(live_copy.to(self.args.device), evaluation_mode=True)
+        if ref_model is not None and needs_ref:
+            ref_model = ref_model.eval().requires_grad_(False)
+            self.ref_model = self.accelerator.prepare_model(ref_model.to(self.args.device), evaluation_mode=True)
         if needs_ref and args.precompute_ref_log_probs:
             self.train_dataset = self._add_reference(self.train_dataset, "train")
-            if self.eval_dataset is not None:
-                self.eval_dataset = self._add_reference(self.eval_dataset, "eval")
+            self.eval_dataset = _map_eval(self.eval_dataset, lambda d, n: self._add_reference(d, n))
+
+    @staticmethod
+    def _check_rewards(dataset, args) -> None:
+        """The run's required columns (token rewards when alpha > 0) are in the data, or one line says how."""
+        need = required_columns(need_token_rewards=needs_token_rewards(args.alpha))
+        missing = [c for c in need if c not in dataset.column_names]
+        if missing:
+            raise TregError(f"alpha={args.alpha} needs token rewards; the dataset has no '{missing[0]}' (run "
+                            "'treg annotate' on it, or set alpha 0)", field=missing[0])
 
     # ---------------------------------------------------------------------------------------
     # log-probs and the reference
     # ---------------------------------------------------------------------------------------
-    def _token_logps(self, model, batch) -> torch.Tensor:
-        """(2B, L) float32 log p(ids[t] | ids[<t]) at response positions of the collated batch, 0 elsewhere."""
+    def _token_logps(self, model, batch, stats: dict | None = None) -> torch.Tensor:
+        """(2B, L) float32 log p(ids[t] | ids[<t]) at response positions of the collated batch, 0 elsewhere;
+        ``stats``: filled with per-token entropy / mean logit / top-1 (treg.method.logprobs.STATS)."""
         return model_token_logps(model, batch["input_ids"], batch["attention_mask"],
                                  positions=batch["response_mask"].bool(),  # no output head on prompt tokens
                                  chunk_size=self.args.logprob_chunk_size or 512,
-                                 naive=self.args.logprob_chunk_size == 0)
+                                 naive=self.args.logprob_chunk_size == 0, stats=stats)
 
     def _reference_context(self, model):
         """The initial model: PEFT adapters off; otherwise the model itself (before training)."""
@@ -194,6 +259,8 @@ class TRegTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """As Trainer.evaluate; a dataset passed here is truncated and given reference log-probs first."""
         if eval_dataset is not None and not isinstance(eval_dataset, (str, dict)):
+            eval_dataset = prepare_dataset(eval_dataset, self.processing_class, num_proc=self.args.dataset_num_proc,
+                                           name="eval")
             eval_dataset, _ = truncate_pairs(eval_dataset, self.args.max_length, self.args.truncation_mode)
             if PREFERENCE_LOSSES[self.args.method].needs_ref and self.args.precompute_ref_log_probs:
                 eval_dataset = self._add_reference(eval_dataset, "eval")
@@ -258,7 +325,8 @@ class TRegTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Mean T-REG loss over the B pairs of ``inputs`` (collated ``[chosen; rejected]``)."""
         args = self.args
-        logps = self._token_logps(model, inputs)                  # (2B, L): logp(y_t) at response positions
+        stats = {}
+        logps = self._token_logps(model, inputs, stats)           # (2B, L): logp(y_t) at response positions
         b = logps.shape[0] // 2
         mask = inputs["response_mask"].bool()                      # (2B, L)
         rewards = inputs.get("token_rewards")                      # (2B, L) r_hat or None
@@ -279,15 +347,32 @@ class TRegTrainer(Trainer):
         weights = {"treg/token_reward_mean_chosen": mask[:b].sum(), "treg/token_reward_mean_rejected": mask[b:].sum()}
         if rewards is not None:
             weights["treg/credit_agreement"] = (mask & (rewards != 0)).sum()
+        self._trl_metrics(inputs, stats, mask, b, out.metrics, weights, training=model.training)
         self._record("train" if model.training else "eval", out.metrics, weights, pairs=b)
         return (out.loss, out) if return_outputs else out.loss
+
+    @staticmethod
+    def _trl_metrics(inputs, stats, mask, b: int, metrics: dict, weights: dict, *, training: bool) -> None:
+        """TRL 1.16 DPOTrainer's extra metrics, pooled over response tokens: ``entropy`` (chosen and rejected),
+        ``logits/chosen`` / ``logits/rejected`` (mean logit over the vocabulary), ``mean_token_accuracy``
+        (chosen tokens that are the argmax); plus this micro-batch's non-pad tokens for ``num_tokens``."""
+        m = mask.float()
+        parts = torch.stack([(stats["entropy"] * m).sum(), m.sum(), (stats["mean_logit"] * m)[:b].sum(), m[:b].sum(),
+                             (stats["mean_logit"] * m)[b:].sum(), m[b:].sum(), (stats["is_top1"] * m)[:b].sum(),
+                             inputs["attention_mask"].sum().float()]).tolist()
+        ent, n, lw, nw, ll, nl, top1, tokens = parts
+        for key, total, count in (("entropy", ent, n), ("logits/chosen", lw, nw), ("logits/rejected", ll, nl),
+                                  ("mean_token_accuracy", top1, nw)):
+            metrics[key], weights[key] = total / max(count, 1.0), count
+        if training:
+            metrics[_TOKENS], weights[_TOKENS] = tokens, 1
 
     def _record(self, mode: str, metrics: dict[str, float], weights: dict, *, pairs: int) -> None:
         """Accumulate ``(sum of value * weight, sum of weight)`` per metric over micro-batches, steps and
         processes, so that a logged value is the mean over everything it covers: k accumulated
         micro-batches give the big batch's value, and token-pooled metrics stay pooled over tokens.
         ``weights``: metric -> count it averages over (default ``pairs``); absent metrics weigh 0."""
-        keys = list(METRIC_KEYS) + sorted(k for k in metrics if k not in METRIC_KEYS)
+        keys = [*METRIC_KEYS, _TOKENS] + sorted(k for k in metrics if k not in (*METRIC_KEYS, _TOKENS))
         device = self.accelerator.device
         w = torch.stack([torch.as_tensor(weights.get(k, pairs) if k in metrics else 0, dtype=torch.float32)
                          .to(device) for k in keys])
@@ -296,7 +381,9 @@ class TRegTrainer(Trainer):
         if self.accelerator.num_processes > 1:
             both = self.accelerator.gather(both[None]).sum(0)
         for key, (vw, wt) in zip(keys, both.t().tolist()):
-            if wt > 0:  # the metric exists for this step
+            if key == _TOKENS:
+                self._total_train_tokens += int(vw)  # summed over processes
+            elif wt > 0:  # the metric exists for this step
                 acc = self._metrics[mode][key]
                 acc[0] += vw
                 acc[1] += wt
@@ -305,6 +392,7 @@ class TRegTrainer(Trainer):
         """Add the metrics since the last log (weighted means, see ``_record``), then log."""
         mode = "train" if self.model.training else "eval"
         metrics = {key: vw / wt for key, (vw, wt) in self._metrics[mode].items()}
+        metrics["num_tokens"] = float(self._total_train_tokens)  # cumulative training tokens, as TRL
         if mode == "train":
             metrics["data/dropped_pairs"] = float(self.dropped_pairs)
         else:
@@ -314,11 +402,16 @@ class TRegTrainer(Trainer):
         self._metrics[mode].clear()
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation: the loss only (no logits; the batch has no labels)."""
+        """Evaluation: the loss; with ``compute_metrics`` (and not ``prediction_loss_only``) also the logits of
+        an extra forward (2B, L, V) and ``input_ids`` as labels, as TRL."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only or self.compute_metrics is None:
+                return loss.detach(), None, None
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                           use_cache=False).logits
+        return loss.detach(), logits, inputs["input_ids"]
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
