@@ -69,11 +69,13 @@ def _entry(a: argparse.Action, width: int, *, brief: bool) -> list[str]:
 def render(parser: argparse.ArgumentParser, *, full: bool) -> str:
     from transformers import TrainingArguments
 
-    from treg.stages.config import TRegConfig
+    from treg.stages.config import TRL_NAMES, TRegConfig
     width = min(120, shutil.get_terminal_size((110, 24)).columns)
     opts = _options(parser)
     base = {f.name for f in dataclasses.fields(TrainingArguments)}
-    own = [f.name for f in dataclasses.fields(TRegConfig) if f.init and f.name not in base and f.name in opts]
+    fields = [f for f in dataclasses.fields(TRegConfig) if f.init and f.name not in base and f.name in opts]
+    trl = [f.name for f in fields if f.name in TRL_NAMES]  # DPOConfig's names: one line here, all in --help-all
+    own = [f.name for f in fields if f.name not in trl]
     groups = {title: [n for n in names if n in opts] for title, names in TREG_GROUPS.items()}
     named = {n for names in groups.values() for n in names}
     other = [n for n in own if n not in named]
@@ -81,6 +83,7 @@ def render(parser: argparse.ArgumentParser, *, full: bool) -> str:
         groups["Other T-REG options"] = other
     groups["Config file"] = ["config"]
     if full:
+        groups["TRL DPOConfig names"] = trl
         shown = {n for names in groups.values() for n in names}
         groups["All TrainingArguments (transformers)"] = [d for d in opts if d not in shown]
     else:
@@ -93,9 +96,11 @@ def render(parser: argparse.ArgumentParser, *, full: bool) -> str:
             continue
         lines.append(f"{title}:")
         for n in names:
-            lines += _entry(opts[n], width, brief=not full and n not in own)
+            lines += _entry(opts[n], width, brief=not full and n not in own + trl)
         lines.append("")
     if not full:
+        lines += textwrap.wrap("TRL DPOConfig names also accepted: " + ", ".join(f"--{n}" for n in trl) + ".",
+                               width=width)
         lines.append(f"This lists {sum(len(v) for v in groups.values())} of {len(opts)} options; "
                      "`treg train --help-all` prints every TrainingArguments field.")
     return "\n".join(lines).rstrip() + "\n"

@@ -43,6 +43,12 @@ RANGES = {
 }
 
 
+# TRL DPOConfig names TRegConfig accepts besides its own and TrainingArguments' (`treg train --help` names them
+# on one line; --help-all shows their help)
+TRL_NAMES = ("loss_type", "label_smoothing", "loss_weights", "model_init_kwargs", "trust_remote_code",
+             "dataset_num_proc")
+
+
 def _f(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
@@ -113,14 +119,14 @@ class TRegConfig(TrainingArguments):
     lora_target_modules: list[str] | None = _f(None, "Module names to adapt (default: all linear layers "
                                                      "except the LM head).")
 
-    # -- TRL DPOConfig names (docs/training.md "Coming from TRL")
-    loss_type: list[str] | None = _f(None, "TRL DPOConfig.loss_type, read as the method whose entry has this "
-                                           "TRL name (sigmoid = dpo); default: the method's.")
-    label_smoothing: float = _f(0.0, "TRL DPOConfig.label_smoothing: only 0 (no smoothing) is supported.")
-    loss_weights: list[float] | None = _f(None, "TRL DPOConfig.loss_weights: only one loss of weight 1.")
-    model_init_kwargs: dict | str | None = _f(None, "from_pretrained keywords (dtype, attn_implementation, "
-                                                    "revision, ...) when the trainer gets a model name or path.")
-    trust_remote_code: bool = _f(False, "Allow a model name/path given to the trainer to run its own code.")
+    # -- TRL DPOConfig names (docs/training.md "Coming from TRL"; `treg train --help-all` lists them)
+    loss_type: list[str] | None = _f(None, "TRL's name of the method (DPOConfig.loss_type; sigmoid = dpo); "
+                                           "default: the method's.")
+    label_smoothing: float = _f(0.0, "TRL DPOConfig name; only 0 (no smoothing) is supported.")
+    loss_weights: list[float] | None = _f(None, "TRL DPOConfig name; only one loss of weight 1.")
+    model_init_kwargs: dict | str | None = _f(None, "from_pretrained keywords (dtype, revision, ...) for a model "
+                                                    "given to the trainer by name or path.")
+    trust_remote_code: bool = _f(False, "Let a model given by name or path run its own code.")
     dataset_num_proc: int | None = _f(None, "Processes for tokenizing a TRL-format dataset.")
 
     # -- safety
