@@ -4,7 +4,8 @@ One training step = one forward of the concatenated batch ``[chosen; rejected]``
 :class:`treg.io.data.PairCollator`) -> per-token log-probs ``(2B, L)`` via
 :func:`treg.method.logprobs.model_token_logps` -> split -> :func:`treg.method.losses.treg_loss`. Everything else
 (optimizer, schedule, gradient accumulation, checkpoints, resume, DDP/DeepSpeed/FSDP through
-accelerate, report_to) is the stock Trainer.
+accelerate, report_to) is the stock Trainer. The constructor is ``trl.DPOTrainer`` 1.16's (names, order,
+model names/paths, TRL-format datasets: :mod:`treg.stages.trl_data`), and the metrics include TRL's.
 
 Reference log-probs (DPO only): taken from the data when present (``ref_*_logps`` columns);
 otherwise, with ``precompute_ref_log_probs`` (default), computed once in ``__init__`` with the
@@ -33,7 +34,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import set_seed
 
 from treg.stages.config import TRegConfig
-from treg.stages.trl_data import prepare_dataset, resolve_model
+from treg.stages.trl_data import check_args, eval_list, map_eval, prepare_dataset, resolve_model
 from treg.io.data import PairCollator, response_window, truncate_pairs
 from treg.io.schema import IDS, PROMPT, REF_SUM, REF_TOK, REWARD_COLUMNS, SIDES, required_columns
 from treg.errors import TregError
@@ -113,34 +114,6 @@ def check_report_to(args) -> None:
                         field="use_liger_kernel")
 
 
-def _check_args(args, model) -> TRegConfig:
-    """``args`` as a TRegConfig: None -> defaults (output ``<model name>-TReg``, as TRL's ``<name>-DPO``)."""
-    if args is None:
-        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
-        return TRegConfig(output_dir=f"{(str(name).rstrip('/').split('/')[-1] or 'model')}-TReg")
-    if isinstance(args, TRegConfig):
-        return args
-    if hasattr(args, "loss_type") and isinstance(args, TrainingArguments):
-        raise TregError("args is a trl.DPOConfig; convert it with TRegConfig.from_dpo_config(args, alpha=...)",
-                        field="args")
-    raise TregError(f"args must be a TRegConfig, got {type(args).__name__}", field="args")
-
-
-def _eval_list(eval_dataset) -> list:
-    if eval_dataset is None:
-        return []
-    return list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
-
-
-def _map_eval(eval_dataset, fn):
-    """Apply ``fn(dataset, name)`` to an eval dataset or to each of a dict of them (names ``eval`` / keys)."""
-    if eval_dataset is None or isinstance(eval_dataset, str):
-        return eval_dataset
-    if isinstance(eval_dataset, dict):
-        return {key: fn(d, key) for key, d in eval_dataset.items()}
-    return fn(eval_dataset, "eval")
-
-
 class TRegTrainer(Trainer):
     """Trainer for DPO/SimPO with token-level reward regularization; a drop-in for ``trl.DPOTrainer`` 1.16.
 
@@ -166,7 +139,7 @@ class TRegTrainer(Trainer):
             raise TregError("got the config as ref_model: TRegTrainer takes trl.DPOTrainer's arguments (model, "
                             "ref_model, args, data_collator, train_dataset, ...); pass args= and train_dataset= "
                             "by name", field="ref_model")
-        args = _check_args(args, model)
+        args = check_args(args, model)
         if train_dataset is None:
             raise TregError("train_dataset is required", field="train_dataset")
         check_report_to(args)
@@ -178,7 +151,7 @@ class TRegTrainer(Trainer):
         pad_id = pad_token_id(processing_class)
         num_proc = args.dataset_num_proc
         train_dataset = prepare_dataset(train_dataset, processing_class, num_proc=num_proc, name="train")
-        eval_dataset = _map_eval(eval_dataset, lambda d, n: prepare_dataset(d, processing_class, num_proc=num_proc,
+        eval_dataset = map_eval(eval_dataset, lambda d, n: prepare_dataset(d, processing_class, num_proc=num_proc,
                                                                             name=n))
         self._check_rewards(train_dataset, args)
         if peft_config is None and args.use_peft:
@@ -198,10 +171,10 @@ class TRegTrainer(Trainer):
         if args.use_liger_kernel:  # layer kernels only: the fused LM-head loss would replace the forward
             args.liger_kernel_config = {**(args.liger_kernel_config or {}), "fused_linear_cross_entropy": False}
         train_dataset, self.dropped_pairs = truncate_pairs(train_dataset, args.max_length, args.truncation_mode)
-        eval_dataset = _map_eval(eval_dataset, lambda d, n: truncate_pairs(d, args.max_length,
+        eval_dataset = map_eval(eval_dataset, lambda d, n: truncate_pairs(d, args.max_length,
                                                                            args.truncation_mode)[0])
         needs_ref = PREFERENCE_LOSSES[args.method].needs_ref
-        in_data = all(REF_SUM[s] in d.column_names for d in (train_dataset, *_eval_list(eval_dataset))
+        in_data = all(REF_SUM[s] in d.column_names for d in (train_dataset, *eval_list(eval_dataset))
                       for s in SIDES)
         if ref_model is None and needs_ref and not in_data and not args.precompute_ref_log_probs \
                 and not is_peft_model(model):
@@ -219,7 +192,7 @@ class TRegTrainer(Trainer):
             self.ref_model = self.accelerator.prepare_model(ref_model.to(self.args.device), evaluation_mode=True)
         if needs_ref and args.precompute_ref_log_probs:
             self.train_dataset = self._add_reference(self.train_dataset, "train")
-            self.eval_dataset = _map_eval(self.eval_dataset, lambda d, n: self._add_reference(d, n))
+            self.eval_dataset = map_eval(self.eval_dataset, lambda d, n: self._add_reference(d, n))
 
     @staticmethod
     def _check_rewards(dataset, args) -> None:

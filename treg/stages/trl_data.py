@@ -29,6 +29,10 @@ The output has treg's columns ``prompt_input_ids``, ``chosen_input_ids``, ``reje
 ``prompt_text``, ``chosen_text``, ``rejected_text`` (as ``treg annotate`` writes them); TRL's input
 columns are dropped, any other column is kept. A dataset that is neither format is one
 :class:`TregError` naming the missing or odd column.
+
+Also here: the trainer's other TRL-style inputs: :func:`check_args` (``args=None`` defaults, a DPOConfig
+passed as is refused with the conversion to use), :func:`map_eval` (an eval dataset or a dict of them) and
+:func:`resolve_model` (a model name/path and the tokenizer, as ``trl.DPOTrainer`` resolves them).
 """
 
 from __future__ import annotations
@@ -185,6 +189,38 @@ def prepare_dataset(dataset, tokenizer, *, num_proc: int | None = None, name: st
     from treg.io.data import validate
     validate(dataset, file=f"{name} dataset", need_rewards=False)
     return dataset
+
+
+# ------------------------------------------------------------------------------------------- trainer inputs
+def check_args(args, model) -> "TRegConfig":
+    """``args`` as a TRegConfig: None -> defaults (output ``<model name>-TReg``, as TRL's ``<name>-DPO``)."""
+    from transformers import TrainingArguments
+
+    from treg.stages.config import TRegConfig
+    if args is None:
+        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+        return TRegConfig(output_dir=f"{(str(name).rstrip('/').split('/')[-1] or 'model')}-TReg")
+    if isinstance(args, TRegConfig):
+        return args
+    if hasattr(args, "loss_type") and isinstance(args, TrainingArguments):
+        raise TregError("args is a trl.DPOConfig; convert it with TRegConfig.from_dpo_config(args, alpha=...)",
+                        field="args")
+    raise TregError(f"args must be a TRegConfig, got {type(args).__name__}", field="args")
+
+
+def eval_list(eval_dataset) -> list:
+    if eval_dataset is None:
+        return []
+    return list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
+
+
+def map_eval(eval_dataset, fn):
+    """Apply ``fn(dataset, name)`` to an eval dataset or to each of a dict of them (names ``eval`` / keys)."""
+    if eval_dataset is None or isinstance(eval_dataset, str):
+        return eval_dataset
+    if isinstance(eval_dataset, dict):
+        return {key: fn(d, key) for key, d in eval_dataset.items()}
+    return fn(eval_dataset, "eval")
 
 
 # ------------------------------------------------------------------------------------------- models
