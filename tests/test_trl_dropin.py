@@ -159,3 +159,25 @@ def test_bad_inputs_are_one_line_errors(model_dir, tmp_path):
     with pytest.raises(TregError, match="alpha=0.25 needs token rewards"):
         TRegTrainer(model_dir, args=TRegConfig.from_dpo_config(dpo_config(tmp_path), alpha=0.25),
                     train_dataset=dataset("standard_explicit"))
+
+
+def test_ref_model_eval_dict_and_compute_metrics(model_dir, tmp_path):
+    """An explicit ref_model is the reference (it differs from the policy: non-zero rewards before any step);
+    eval_dataset may be a dict of TRL datasets; compute_metrics gets logits and labels, as in TRL."""
+    from tiny import tiny_llama
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    seen = {}
+
+    def compute_metrics(pred):
+        seen["shape"] = pred.predictions.shape
+        return {"custom": 1.0}
+    cfg = TRegConfig.from_dpo_config(dpo_config(tmp_path, precompute_ref_log_probs=True), alpha=0.0)
+    t = TRegTrainer(model_dir, ref_model=tiny_llama(len(tok), seed=1), args=cfg,
+                    train_dataset=dataset("standard_explicit"), compute_metrics=compute_metrics,
+                    eval_dataset={"a": dataset("standard_implicit"), "b": dataset("conversational_explicit")})
+    out = t.evaluate()
+    assert {"eval_a_loss", "eval_b_loss", "eval_a_custom", "eval_b_custom"} <= set(out)
+    logged = [h for h in t.state.log_history if "eval_a_loss" in h][0]   # own metrics: "eval_" prefix, as TRL
+    assert abs(logged["eval_rewards/margins"]) > 1e-4 and "eval_entropy" in logged
+    assert seen["shape"][-1] == len(tok)

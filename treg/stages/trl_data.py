@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 TRL_TOKENIZED = {"prompt_ids": PROMPT, "chosen_ids": IDS["chosen"], "rejected_ids": IDS["rejected"]}
 TRL_INPUT = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs")
+_WARNED: list = []  # the prompt/response boundary warning is given once per process
 
 
 def is_annotated(dataset) -> bool:
@@ -157,9 +158,10 @@ def tokenize_pair(example: dict, tokenizer, *, add_eos: bool = True) -> dict:
         prompt_ids = list(tokenizer(text=prompt)["input_ids"])
         full = {s: list(tokenizer(text=prompt + r)["input_ids"]) for s, r in zip(SIDES, (chosen, rejected))}
     cut = min(common_prefix(prompt_ids, full[s]) for s in SIDES)
-    if cut < len(prompt_ids):
+    if cut < len(prompt_ids) and not _WARNED:
+        _WARNED.append(True)
         logger.warning("the tokenized prompt is not a prefix of prompt + response (chat template or a token "
-                       "merge at the boundary); the response starts where they diverge, as in TRL")
+                       "merge at the boundary); the response starts where they diverge, as in TRL (said once)")
     out = {PROMPT: prompt_ids[:cut], **{IDS[s]: full[s][cut:] for s in SIDES}}
     out.update({TEXT[k]: v for k, v in texts.items()})
     return out
