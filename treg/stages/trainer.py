@@ -330,26 +330,28 @@ class TRegTrainer(Trainer):
         ``logits/chosen`` / ``logits/rejected`` (mean logit over the vocabulary), ``mean_token_accuracy``
         (chosen tokens that are the argmax); plus this micro-batch's non-pad tokens for ``num_tokens``."""
         m = mask.float()
-        parts = torch.stack([(stats["entropy"] * m).sum(), m.sum(), (stats["mean_logit"] * m)[:b].sum(), m[:b].sum(),
-                             (stats["mean_logit"] * m)[b:].sum(), m[b:].sum(), (stats["is_top1"] * m)[:b].sum(),
-                             inputs["attention_mask"].sum().float()]).tolist()
-        ent, n, lw, nw, ll, nl, top1, tokens = parts
-        for key, total, count in (("entropy", ent, n), ("logits/chosen", lw, nw), ("logits/rejected", ll, nl),
-                                  ("mean_token_accuracy", top1, nw)):
-            metrics[key], weights[key] = total / max(count, 1.0), count
+        n_w, n_l = m[:b].sum(), m[b:].sum()
+        pooled = {"entropy": ((stats["entropy"] * m).sum(), n_w + n_l),   # (sum over tokens, token count)
+                  "logits/chosen": ((stats["mean_logit"] * m)[:b].sum(), n_w),
+                  "logits/rejected": ((stats["mean_logit"] * m)[b:].sum(), n_l),
+                  "mean_token_accuracy": ((stats["is_top1"] * m)[:b].sum(), n_w)}
+        for key, (total, count) in pooled.items():  # tensors: no extra device sync (see _record)
+            metrics[key], weights[key] = total / count.clamp(min=1), count
         if training:
+            tokens = inputs["attention_mask"].sum().float()
             metrics[_TOKENS], weights[_TOKENS] = tokens, 1
 
     def _record(self, mode: str, metrics: dict[str, float], weights: dict, *, pairs: int) -> None:
         """Accumulate ``(sum of value * weight, sum of weight)`` per metric over micro-batches, steps and
         processes, so that a logged value is the mean over everything it covers: k accumulated
         micro-batches give the big batch's value, and token-pooled metrics stay pooled over tokens.
-        ``weights``: metric -> count it averages over (default ``pairs``); absent metrics weigh 0."""
+        ``weights``: metric -> count it averages over (default ``pairs``); absent metrics weigh 0. Values and
+        weights may be floats or 0-d tensors (one device-to-host transfer for all of them)."""
         keys = [*METRIC_KEYS, _TOKENS] + sorted(k for k in metrics if k not in (*METRIC_KEYS, _TOKENS))
         device = self.accelerator.device
         w = torch.stack([torch.as_tensor(weights.get(k, pairs) if k in metrics else 0, dtype=torch.float32)
                          .to(device) for k in keys])
-        v = torch.tensor([metrics.get(k, 0.0) for k in keys], dtype=torch.float32, device=device)
+        v = torch.stack([torch.as_tensor(metrics.get(k, 0.0), dtype=torch.float32).to(device) for k in keys])
         both = torch.stack([v * w, w])                                   # (2, K)
         if self.accelerator.num_processes > 1:
             both = self.accelerator.gather(both[None]).sum(0)
