@@ -117,9 +117,10 @@ def test_head_stats_equal_trl_kernel():
 def test_split_prompt_matches_trl_extract_prompt():
     from trl.data_utils import extract_prompt
     from treg.stages.trl_data import split_prompt
+    q = _messages("user", "q")
     cases = [SKY, ["abc", "abcd"], ["same", "same"], ["xa b", "ya b"], ["a b c", "a b d"], ["ab  c", "ab  d"],
-             [_messages("user", "q") + _messages("assistant", "a"), _messages("user", "q") + _messages("assistant", "b")],
-             [_messages("user", "q") + _messages("assistant", "a"), _messages("user", "q") + _messages("assistant", "a")]]
+             [q + _messages("assistant", "a"), q + _messages("assistant", "b")],
+             [q + _messages("assistant", "a"), q + _messages("assistant", "a")]]
     for chosen, rejected in cases:
         want = extract_prompt({"chosen": chosen, "rejected": rejected})
         assert split_prompt(chosen, rejected) == (want["prompt"], want["chosen"], want["rejected"]), (chosen, rejected)

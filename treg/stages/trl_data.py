@@ -39,9 +39,13 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import TYPE_CHECKING
 
 from treg.errors import TregError
 from treg.io.schema import IDS, PROMPT, REQUIRED, SIDES, TEXT
+
+if TYPE_CHECKING:
+    from treg.stages.config import TRegConfig
 
 logger = logging.getLogger(__name__)
 
