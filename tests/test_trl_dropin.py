@@ -164,9 +164,12 @@ def test_bad_inputs_are_one_line_errors(model_dir, tmp_path):
 
 def test_ref_model_eval_dict_and_compute_metrics(model_dir, tmp_path):
     """An explicit ref_model is the reference (it differs from the policy: non-zero rewards before any step);
-    eval_dataset may be a dict of TRL datasets; compute_metrics gets logits and labels, as in TRL."""
+    eval_dataset may be a dict of TRL datasets; compute_metrics gets logits and labels, as in TRL; a loaded
+    model without processing_class gets the tokenizer of its path; args=None gives '<name>-TReg'."""
     from tiny import tiny_llama
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from treg.stages.trl_data import check_args
+    assert check_args(None, model_dir).output_dir == os.path.basename(model_dir) + "-TReg"
     tok = AutoTokenizer.from_pretrained(model_dir)
     seen = {}
 
@@ -174,7 +177,7 @@ def test_ref_model_eval_dict_and_compute_metrics(model_dir, tmp_path):
         seen["shape"] = pred.predictions.shape
         return {"custom": 1.0}
     cfg = TRegConfig.from_dpo_config(dpo_config(tmp_path, precompute_ref_log_probs=True), alpha=0.0)
-    t = TRegTrainer(model_dir, ref_model=tiny_llama(len(tok), seed=1), args=cfg,
+    t = TRegTrainer(AutoModelForCausalLM.from_pretrained(model_dir), ref_model=tiny_llama(len(tok), seed=1), args=cfg,
                     train_dataset=dataset("standard_explicit"), compute_metrics=compute_metrics,
                     eval_dataset={"a": dataset("standard_implicit"), "b": dataset("conversational_explicit")})
     out = t.evaluate()
