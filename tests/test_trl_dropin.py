@@ -66,7 +66,8 @@ def model_dir(tmp_path_factory):
 def dpo_config(out, **kw):
     from trl import DPOConfig
     base = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
-                seed=0, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, bf16=False)
+                seed=0, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, bf16=False,
+                gradient_checkpointing=False)  # TRL's default (True) is checked in test_bad_inputs_*: time
     base.update(kw)
     return DPOConfig(**base)
 
@@ -142,8 +143,10 @@ def test_bad_inputs_are_one_line_errors(model_dir, tmp_path):
         with pytest.raises(TregError) as err:
             TRegConfig.from_dpo_config(dpo_config(tmp_path, **bad), alpha=0.0)
         assert err.value.field == field and "\n" not in str(err.value) and field in str(err.value)
+    plain = TRegConfig.from_dpo_config(DPOConfig(output_dir=str(tmp_path), use_cpu=True), alpha=0.0)  # TRL's defaults
+    assert (plain.method, plain.precompute_ref_log_probs, plain.activation_checkpointing, plain.bf16) == \
+        ("dpo", False, True, True)
     cfg = TRegConfig.from_dpo_config(dpo_config(tmp_path), alpha=0.0)
-    assert (cfg.method, cfg.precompute_ref_log_probs, cfg.activation_checkpointing) == ("dpo", False, True)
     cases = [(Dataset.from_list([{"question": "q", "answer": "a"}]), "chosen"),
              (Dataset.from_list([{"prompt": "q", "chosen": "a"}]), "rejected"),
              (Dataset.from_list([{"prompt": "q", "chosen": 1, "rejected": 2}]), "chosen"),
