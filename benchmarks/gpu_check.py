@@ -58,7 +58,7 @@ def _record(out: str, row: dict) -> None:
 def _common(out: str, name: str) -> dict:
     return dict(output_dir=f"{out}/{name}", max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=1e-6,
                 logging_steps=1, save_strategy="no", report_to="none", bf16=True, gradient_checkpointing=True,
-                max_length=1024, seed=0)
+                max_length=1024, seed=0, use_cpu=os.environ.get("GPU_CHECK_CPU") == "1")
 
 
 def run_treg(out: str) -> None:
