@@ -173,3 +173,29 @@ def test_progress_bar_counts_sequences(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(treg.progress, "progress_bar", Bar)
     _trainer(tok, make_pairs(6), tmp_path / "run")
     assert seen["unit"] == "seq" and seen["total"] == seen["done"] == 12 and "tok/s" in seen["postfix"]
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_truncate_pairs_keeps_every_exact_value(mode):
+    from treg.io.data import truncate_pairs
+    data = make_pairs(12, prompt=(3, 5), response=(2, 9), ref=True)
+    out, dropped = truncate_pairs(data, 10, mode)
+    assert dropped == 0 and all(c in out.column_names for c in REF_COLUMNS)   # never a whole column thrown away
+    n_cut = 0
+    for before, after in zip(data, out):
+        plen = len(before["prompt_input_ids"])
+        cut = any(plen + len(before[f"{s}_input_ids"]) > 10 for s in SIDES)
+        n_cut += cut
+        for side in SIDES:
+            if not cut:
+                assert after[REF_SUM[side]] == before[REF_SUM[side]] and after[REF_TOK[side]] == before[REF_TOK[side]]
+            elif mode == "keep_end":                                           # prefix changed: recompute
+                assert after[REF_SUM[side]] is None and after[REF_TOK[side]] is None
+            else:                                                              # exact: sum of the kept tokens
+                kept = before[REF_TOK[side]][:10 - plen]
+                assert after[REF_SUM[side]] == pytest.approx(sum(kept), abs=1e-5)
+                assert after[REF_TOK[side]] == before[REF_TOK[side]]
+    assert 0 < n_cut < len(data)
+    sums_only = data.remove_columns([REF_TOK["chosen"], REF_TOK["rejected"]])
+    out, _ = truncate_pairs(sums_only, 10, mode)                 # no per-token values: the cut rows are recomputed
+    assert sum(v is None for v in out[REF_SUM["chosen"]]) == n_cut

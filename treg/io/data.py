@@ -191,35 +191,46 @@ def exact_reference(dataset, max_length: int, truncation_mode: str):
     sequence, which changes every kept token's prefix: the row is marked stale. Stale rows get null
     in every ``ref_*`` column; the trainer's reference pass recomputes exactly those rows.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
     present = [c for c in REF_COLUMNS if c in dataset.column_names]
     if not present or not any(REF_SUM[s] in present for s in SIDES):
         return dataset
     n = _lengths(dataset)
+    table = dataset.with_format("arrow")[:]
     stale = np.zeros(len(dataset), dtype=bool)
-    sums: dict[str, list] = {}
+    new: dict[str, Any] = {}
     cut_any = 0
     for side in SIDES:
         cut = n[PROMPT] + n[IDS[side]] > max_length
         cut_any += int(cut.sum())
-        if not cut.any():
+        if not cut.any() or REF_SUM[side] not in present:
             continue
         if truncation_mode == "keep_end" or REF_TOK[side] not in present:
             stale |= cut
             continue
-        rows = np.flatnonzero(cut)
-        sums[side] = list(dataset[REF_SUM[side]])
-        for i, tok in zip(rows, dataset.select(rows.tolist())[REF_TOK[side]]):
-            keep = max_length - int(n[PROMPT][i])     # response tokens inside the window (keep_start)
-            sums[side][i] = None if tok is None else float(np.asarray(tok[:keep], dtype=np.float64).sum())
+        tok = table[REF_TOK[side]]
+        stale |= cut & tok.is_null().to_numpy(zero_copy_only=False)
+        lengths = pc.fill_null(pc.list_value_length(tok), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        flat = np.concatenate([[0.0], np.cumsum(pc.list_flatten(tok).to_numpy(zero_copy_only=False), dtype=np.float64)])
+        keep = np.clip(max_length - n[PROMPT].astype(np.int64), 0, lengths)   # response tokens kept (keep_start)
+        kept_sum = flat[starts + keep] - flat[starts]
+        old = table[REF_SUM[side]]
+        sums = pc.fill_null(old, np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
+        new[REF_SUM[side]] = pa.array(np.where(cut, kept_sum, sums), mask=old.is_null().to_numpy(zero_copy_only=False))
     if not cut_any:
         return dataset
-    columns = {c: list(dataset[c]) for c in present} if stale.any() else {}
-    for side, values in sums.items():
-        columns[REF_SUM[side]] = values
-    for column, values in columns.items():
-        for i in np.flatnonzero(stale):
-            values[i] = None
+    if stale.any():
+        mask = pa.array(stale)
+        for column in present:
+            col = new.get(column, table[column])
+            new[column] = pc.if_else(mask, pa.nulls(len(stale), type=col.type), col)
+    if getattr(dataset, "_indices", None) is not None:
+        dataset = dataset.flatten_indices()
+    for column, values in new.items():
         feature = dataset.features[column]
+        values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
         dataset = dataset.remove_columns(column).add_column(column, values, feature=feature)
     if stale.any():
         logger.warning("max_length=%d (%s) cuts %d sequences: %d of %d rows lose stored reference log-probs "

@@ -320,7 +320,8 @@ def _compute(trainer, dataset, name, out, settings, ref_rows, texts, call, conte
     sharded = is_sharded(call) or is_sharded(model)
     lockstep_needed = sharded and acc.num_processes > 1
     if not todo and not lockstep_needed:
-        writer.finalize({"stage": "reference", "settings": settings})
+        with _quiet_datasets():
+            writer.finalize({"stage": "reference", "settings": settings})
         if writer.complete and not stats["resumed_shards"]:
             logger.info("reference pass (%s): re-used the cache %s", name, out)
         return stats
@@ -383,7 +384,8 @@ def _compute(trainer, dataset, name, out, settings, ref_rows, texts, call, conte
             call.to(moved)
     stats["forwards"] = counter["n"] - (lock.dummies if lock else 0)
     stats["dummy_forwards"] = lock.dummies if lock else 0
-    writer.finalize({"stage": "reference", "settings": settings})
+    with _quiet_datasets():
+        writer.finalize({"stage": "reference", "settings": settings})
     if stats["computed_rows"]:
         tps = prog.real_tokens / prog.seconds if prog.seconds else 0.0
         logger.info("reference pass (%s): %d pairs, %d sequences, %d tokens in %.1f s (%.0f tok/s)%s; cached in %s",
@@ -457,6 +459,19 @@ def _rows(sub, rows, jobs, scores, cfg, do_ref, ref_set) -> list[dict]:
     return out
 
 
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets' own "Saving the dataset" bars off while the cache is merged (the pass has its own bar)."""
+    import datasets
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
+
+
 def _load(out: Path):
     from datasets import load_from_disk
     return load_from_disk(str(out))
@@ -477,17 +492,19 @@ def _merge(dataset, cached, ref_rows, rewards):
             dataset = dataset.flatten_indices()
         dataset = dataset.remove_columns([c for c in full if c in dataset.column_names])
         dataset = concatenate_datasets([dataset, cached.select_columns(full)], axis=1)
-    if ref_rows is not None and not whole_ref:
+    if ref_rows is not None and not whole_ref:      # only the rows truncation invalidated (null ones)
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        if getattr(dataset, "_indices", None) is not None:
+            dataset = dataset.flatten_indices()
+        mine = np.zeros(len(dataset), dtype=bool)
+        mine[ref_rows] = True
+        table, fresh = dataset.with_format("arrow")[:], cached.with_format("arrow")[:]
         for column in ref_cols:
-            new = cached[column]
-            if column not in dataset.column_names:
-                values = [None] * len(dataset)
-            else:
-                values = list(dataset[column])
-            for i in ref_rows:
-                values[i] = new[i]
-            feature = cached.features[column]
+            new = fresh[column].combine_chunks()
+            old = table[column].combine_chunks() if column in table.column_names else pa.nulls(len(mine), new.type)
+            values = pc.if_else(pa.array(mine), new, old.cast(new.type))
             if column in dataset.column_names:
                 dataset = dataset.remove_columns(column)
-            dataset = dataset.add_column(column, values, feature=feature)
+            dataset = dataset.add_column(column, values, feature=cached.features[column])
     return dataset
