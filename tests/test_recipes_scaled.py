@@ -1,7 +1,7 @@
 """The paper recipes' train.yaml (configs/llama3-8b-instruct-dpo-reg, configs/gemma2-9b-it-simpo-reg) run through the
 reference pass and their first optimizer steps on CPU, on a scaled-down random-init model of the same
 architecture (Llama-3: GQA, rope_theta 500k, untied head; Gemma-2: sliding/global layers, logit soft-capping,
-tied head), with every recipe field kept except the model, output, step count and the CPU switch. The data has
+tied head), with every recipe field kept except the model, output and cache directories, step count and the CPU switch. The data has
 texts but no token rewards or reference log-probs, so the trainer computes them itself (the one-line switch).
 ZeRO-3 (the recipes' launcher) is not available on CPU: benchmarks/gpu_check.sh runs it on a GPU."""
 import os
@@ -65,7 +65,8 @@ def test_recipe_reference_pass_and_first_steps_on_a_scaled_down_model(recipe, tm
     tok.save_pretrained(tmp_path / "model")
     yaml = os.path.join(ROOT, "configs", recipe, "train.yaml")
     config = parse_config(["--config", yaml, "--model_name_or_path", str(tmp_path / "model"),
-                           "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--use_cpu", "true",
+                           "--output_dir", str(tmp_path / "out"), "--ref_cache_dir", str(tmp_path / "cache"),
+                           "--max_steps", "2", "--use_cpu", "true",
                            "--logging_steps", "1"])
     # the recipe itself is untouched: method, precision, checkpointing, accumulation, max_length
     assert config.bf16 and config.gradient_checkpointing and config.gradient_accumulation_steps == 8
@@ -76,7 +77,7 @@ def test_recipe_reference_pass_and_first_steps_on_a_scaled_down_model(recipe, tm
     pairs = 2 * config.per_device_train_batch_size * config.gradient_accumulation_steps   # two optimizer steps
     trainer = TRegTrainer(model, config, text_pairs(tok, pairs), processing_class=tok)
     info = trainer.reference_info["train"]
-    assert info["computed_rows"] == pairs and info["sequences"] > 0
+    assert info["computed_rows"] == pairs and info["sequences"] > 0 and info["cache"].startswith(str(tmp_path))
     columns = trainer.train_dataset.column_names
     assert REWARDS["chosen"] in columns                                   # token rewards computed in the pass
     assert (REF_SUM["chosen"] in columns) == (config.method == "dpo")     # SimPO has no reference

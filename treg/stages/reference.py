@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 SHARD_ROWS = 256                    # pairs per cache shard: a killed run loses at most one shard per process
 CONTENT_HASH_MAX_BYTES = 2 << 30    # models up to this size are fingerprinted by their weights' content
+SHARDED_BATCH_TOKENS = 4096        # token budget per forward when the weights are sharded (full-logits path)
 CACHE_VERSION = 1
 REWARD_SOURCE, REWARD_TEMPLATE = CONTRASTIVE, "revision"   # in-trainer token rewards (annotate's defaults)
 INDEX = "index"
@@ -126,7 +127,7 @@ def model_fingerprint(model) -> dict:
         h = hashlib.blake2b(digest_size=16)
         for name, p in sorted(params, key=lambda x: x[0]):
             h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
-            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(memoryview(p.detach().cpu().contiguous().view(torch.uint8).numpy()))
         out["weights"] = h.hexdigest()
     else:
         name = getattr(config, "_name_or_path", None) or ""
@@ -339,6 +340,8 @@ def _compute(trainer, dataset, name, out, settings, ref_rows, texts, call, conte
         dataset[PROMPT], dataset[IDS["chosen"]], dataset[IDS["rejected"]]))))
     batch_tokens = (args.precompute_ref_batch_size * 2 * min(longest, args.max_length or longest)
                     if args.precompute_ref_batch_size else default_batch_tokens(device))
+    if sharded:  # the head is sharded too: full (B, T, V) logits, so smaller batches
+        batch_tokens = min(batch_tokens, SHARDED_BATCH_TOKENS)
     ref_set = set(range(len(dataset))) if ref_rows is None else set(ref_rows)
     do_ref = ref_rows is not None
     cfg = _reward_cfg(trainer.processing_class) if texts is not None else None
