@@ -92,9 +92,7 @@ class TRegConfig(TrainingArguments):
                                               "the reference every step (PEFT: adapters off; else a frozen copy).")
     precompute_ref_batch_size: int | None = _f(None, "Batch size of the reference pass (default: "
                                                      "per_device_eval_batch_size).")
-    ref_cache_dir: str | None = _f(None, "Where the reference pass caches its results (reference log-probs, "
-                                         "in-trainer token rewards), keyed by model/data/tokenizer/max_length "
-                                         "fingerprints; re-used by the next run (default: output_dir/ref_cache).")
+    ref_cache_dir: str | None = _f(None, "Reference-pass cache, re-used by reruns (default: output_dir/ref_cache).")
     logprob_chunk_size: int = _f(512, "Token rows per output-head chunk for log-probs, so the (B, T, V) float32 "
                                       "logits are never built whole; 0 = the model's full logits (faster on a GPU "
                                       "when memory allows, see docs/benchmarks.md).")
