@@ -199,3 +199,19 @@ def test_truncate_pairs_keeps_every_exact_value(mode):
     sums_only = data.remove_columns([REF_TOK["chosen"], REF_TOK["rejected"]])
     out, _ = truncate_pairs(sums_only, 10, mode)                 # no per-token values: the cut rows are recomputed
     assert sum(v is None for v in out[REF_SUM["chosen"]]) == n_cut
+
+
+def test_in_trainer_rewards_from_trl_columns_equal_treg_annotate(tok, tmp_path):
+    """A dataset carrying TRL's prompt/chosen/rejected (conversational here) instead of treg's text columns."""
+    from treg.io.schema import TEXT
+    from treg.stages.annotate import annotate
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in (ROWS[0], ROWS[2], ROWS[3])]
+    annotated = annotate(tiny_llama(len(tok)), tok, rows, template="revision", progress=False)
+    bare = annotated.remove_columns([*REWARD_COLUMNS, *REF_COLUMNS, *TEXT.values()])
+    for key in ("prompt", "chosen", "rejected"):
+        bare = bare.add_column(key, [r[key] for r in rows])
+    t = _trainer(tok, bare, tmp_path / "run", alpha=0.5)
+    for c in REWARD_COLUMNS:
+        for got, want in zip(t.train_dataset[c], annotated[c]):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

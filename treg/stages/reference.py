@@ -323,7 +323,7 @@ def _compute(trainer, dataset, name, out, settings, ref_rows, texts, call, conte
     if not todo and not lockstep_needed:
         with _quiet_datasets():
             writer.finalize({"stage": "reference", "settings": settings})
-        if writer.complete and not stats["resumed_shards"]:
+        if stats["reused"]:
             logger.info("reference pass (%s): re-used the cache %s", name, out)
         return stats
     pad_id = pad_token_id(trainer.processing_class)
