@@ -17,8 +17,8 @@ The model is the initial policy (PEFT: adapters disabled; a frozen copy when the
 **Cache.** Results go to ``ref_cache_dir`` (default ``output_dir/ref_cache``) under ``<name>-<fingerprint>``,
 written in shards of :data:`SHARD_ROWS` pairs through :class:`treg.io.shards.ShardedWriter` (each shard
 atomic): a killed run resumes from the finished shards, and a finished cache is re-used by the next run with
-no model forward at all. The fingerprint covers the model (weights content up to :data:`CONTENT_HASH_MAX_BYTES`,
-else name + revision + file fingerprint), the data (token ids, texts when rewards are computed, which rows),
+no model forward at all. The fingerprint (:mod:`treg.stages.refcache`) covers the model (weights content up
+to 2 GiB, else name + revision + file fingerprint), the data (token ids, texts when rewards are computed, rows),
 the tokenizer, ``max_length``, ``truncation_mode``, mixed precision and the reward source/template; a cache
 made for other settings is never used (a warning names what changed).
 
@@ -26,17 +26,13 @@ made for other settings is never used (a warning names what changed).
 and FSDP2 (``fully_shard``: DTensor parameters) every forward is collective. Processes then step in
 lockstep: before each real forward all processes vote; one that has finished its shards runs a dummy
 one-row forward for every real forward still running elsewhere (TRL #6403 pads the last batch the same
-way), so every process makes the same number of forward calls.
+way), so every process makes the same number of forward calls (:mod:`treg.stages.sharded`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -45,15 +41,16 @@ import torch
 
 from treg.errors import TregError
 from treg.io.data import response_window, truncate_sequence
-from treg.io.meta import META_FILE, path_fingerprint, stable_hash, tokenizer_fingerprint
+from treg.io.meta import META_FILE, stable_hash, tokenizer_fingerprint
 from treg.io.schema import IDS, PROMPT, REF_SUM, REF_TOK, REWARDS, SIDES, TEXT
 from treg.method.losses import PREFERENCE_LOSSES, needs_token_rewards
 from treg.method.token_rewards import CONTRASTIVE, PLAIN_REF
+from treg.stages import refcache
+from treg.stages.sharded import Lockstep, deepspeed_engine, is_sharded
 
 logger = logging.getLogger(__name__)
 
 SHARD_ROWS = 256                    # pairs per cache shard: a killed run loses at most one shard per process
-CONTENT_HASH_MAX_BYTES = 2 << 30    # models up to this size are fingerprinted by their weights' content
 SHARDED_BATCH_TOKENS = 4096        # token budget per forward when the weights are sharded (full-logits path)
 CACHE_VERSION = 1
 REWARD_SOURCE, REWARD_TEMPLATE = CONTRASTIVE, "revision"   # in-trainer token rewards (annotate's defaults)
@@ -96,115 +93,6 @@ def reward_texts(dataset, *, field: str = REWARDS["chosen"]) -> list[tuple[str, 
                     "run 'treg annotate' or set alpha 0", field=field)
 
 
-# ------------------------------------------------------------------------------------------ fingerprints
-def is_sharded(model) -> bool:
-    """True when the weights are partitioned across processes (FSDP2 DTensors, DeepSpeed ZeRO-3)."""
-    for p in model.parameters():
-        if type(p.data).__name__ == "DTensor" or hasattr(p, "ds_id"):
-            return True
-    return False
-
-
-def _weights(model):
-    """(name, tensor) of the reference weights: PEFT adapter weights left out, PEFT prefixes stripped."""
-    adapters = list(getattr(model, "peft_config", None) or {})
-    for name, p in model.named_parameters():
-        if any(f".{a}." in name for a in adapters):
-            continue
-        yield name.replace("base_model.model.", "", 1).replace(".base_layer", ""), p
-
-
-def model_fingerprint(model) -> dict:
-    """Identity of the reference model: its weights' content when small and unsharded, else its name, hub
-    revision and (local directory) file fingerprint. The config and dtypes always join."""
-    config = getattr(model, "config", None)
-    cfg = {k: v for k, v in (config.to_dict() if config is not None else {}).items()
-           if k not in ("_name_or_path", "transformers_version", "_commit_hash")}
-    params = list(_weights(model))
-    out = {"config": stable_hash(cfg), "dtypes": sorted({str(p.dtype) for _, p in params})}
-    size = sum(p.numel() * p.element_size() for _, p in params)
-    if not is_sharded(model) and size <= CONTENT_HASH_MAX_BYTES:
-        h = hashlib.blake2b(digest_size=16)
-        for name, p in sorted(params, key=lambda x: x[0]):
-            h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
-            h.update(memoryview(p.detach().cpu().contiguous().view(torch.uint8).numpy()))
-        out["weights"] = h.hexdigest()
-    else:
-        name = getattr(config, "_name_or_path", None) or ""
-        out.update(name=name, revision=getattr(config, "_commit_hash", None),
-                   files=path_fingerprint(name) if name and os.path.isdir(name) else None)
-    return out
-
-
-def data_fingerprint(dataset, columns: list[str]) -> str:
-    """Content hash of ``columns`` (list columns: lengths + flat values; others: their values as JSON)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    table = dataset.with_format("arrow")[:]
-    h = hashlib.blake2b(digest_size=16)
-    for c in columns:
-        col = table[c]
-        h.update(c.encode())
-        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-            h.update(np.ascontiguousarray(pc.list_value_length(col).to_numpy(zero_copy_only=False)).tobytes())
-            h.update(np.ascontiguousarray(pc.list_flatten(col).to_numpy(zero_copy_only=False)).tobytes())
-        else:
-            h.update(json.dumps(col.to_pylist(), default=str).encode())
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------------------------------------ lockstep
-class Lockstep:
-    """Same number of forward calls on every process for a sharded model (module docstring)."""
-
-    def __init__(self, model, accelerator, pad_id: int):
-        self.model, self.accelerator, self.pad_id = model, accelerator, pad_id
-        self.dummy = False
-        self.dummies = 0
-        self.handle = model.register_forward_pre_hook(self._before, prepend=True)
-
-    def _vote(self, value: int) -> int:
-        t = torch.tensor([value], dtype=torch.long, device=self.accelerator.device)
-        return int(self.accelerator.reduce(t, reduction="sum").item())
-
-    def _before(self, *_):
-        if not self.dummy:
-            self._vote(1)
-
-    def finish(self) -> None:
-        """Run dummy forwards until no process has a real one left, then unhook."""
-        try:
-            while self._vote(0) > 0:
-                ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.accelerator.device)
-                self.dummy = True
-                try:
-                    self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-                finally:
-                    self.dummy = False
-                self.dummies += 1
-        finally:
-            self.handle.remove()
-
-
-def _deepspeed_engine(model, accelerator):
-    """A DeepSpeed inference engine over the (ZeRO-3 partitioned) model, as TRL's ``prepare_deepspeed``."""
-    import deepspeed
-    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    zero = config.setdefault("zero_optimization", {})
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if hidden is not None and zero.get("stage") == 3:
-        zero.update(reduce_bucket_size=hidden * hidden, stage3_param_persistence_threshold=10 * hidden,
-                    stage3_prefetch_bucket_size=int(0.9 * hidden * hidden))
-    config.pop("optimizer", None)
-    config.pop("scheduler", None)
-    zero.pop("offload_optimizer", None)
-    if zero.get("stage") != 3:
-        zero["stage"] = 0
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
-    return engine
-
-
 def _reference_model(trainer):
     """(module to call, context that makes it the reference, unwrapped model)."""
     if trainer.ref_model is not None:
@@ -215,7 +103,7 @@ def _reference_model(trainer):
     if trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
         engine = getattr(trainer, "_treg_reference_engine", None)
         if engine is None:
-            engine = trainer._treg_reference_engine = _deepspeed_engine(model, trainer.accelerator)
+            engine = trainer._treg_reference_engine = deepspeed_engine(model, trainer.accelerator)
         return engine, context, model
     return model, context, model
 
@@ -238,8 +126,8 @@ def add_reference(trainer, dataset, name: str):
     data_cols = [PROMPT, *IDS.values()]
     settings = {
         "cache_version": CACHE_VERSION, "dataset": name, "num_rows": len(dataset),
-        "model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer),
-        "data": data_fingerprint(dataset, data_cols),
+        "model": refcache.model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer),
+        "data": refcache.data_fingerprint(dataset, data_cols),
         "max_length": args.max_length, "truncation_mode": args.truncation_mode,
         "mixed_precision": str(acc.mixed_precision), "shard_rows": SHARD_ROWS,
         "ref_rows": None if ref_rows is None else stable_hash(ref_rows),
@@ -255,8 +143,8 @@ def add_reference(trainer, dataset, name: str):
     out = root / f"{name}-{stable_hash(settings)}"
     t0 = time.perf_counter()
     stats = _compute(trainer, dataset, name, out, settings, ref_rows, texts, call, context, model)
-    cached = _load(out)
-    dataset = _merge(dataset, cached, ref_rows, rewards)
+    cached = refcache.load(out)
+    dataset = refcache.merge(dataset, cached, ref_rows, rewards)
     stats.update(seconds=round(time.perf_counter() - t0, 3), cache=str(out))
     info = getattr(trainer, "reference_info", None)
     if info is None:
@@ -277,27 +165,6 @@ def _reward_cfg(tokenizer):
                        dpo_model=None)
 
 
-def _warn_other_caches(out: Path, settings: dict) -> None:
-    """A cache for the same dataset made with other settings exists: say what changed (it is not used)."""
-    name = settings["dataset"]
-    others = [p for p in out.parent.glob(f"{name}-*") if p.is_dir() and p != out]
-    if not others:
-        return
-    latest = max(others, key=lambda p: p.stat().st_mtime)
-    old = {}
-    for f in (latest / META_FILE, latest / ".shards" / "settings.json"):
-        if f.exists():
-            try:
-                old = json.loads(f.read_text()).get("settings") or {}
-            except (json.JSONDecodeError, OSError):
-                pass
-            break
-    new = json.loads(json.dumps(settings, sort_keys=True, default=str))
-    changed = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k)) or ["unknown"]
-    logger.warning("reference cache %s was made for other settings (changed: %s): not used; computing %s",
-                   latest, ", ".join(changed), out)
-
-
 def _compute(trainer, dataset, name, out, settings, ref_rows, texts, call, context, model) -> dict:
     """Run the pending shards of this process (lockstep when sharded) and finalize; returns stats."""
     import datasets
@@ -312,7 +179,7 @@ def _compute(trainer, dataset, name, out, settings, ref_rows, texts, call, conte
                                   **{REF_SUM[s]: datasets.Value("float64") for s in SIDES},
                                   **{REF_TOK[s]: f32 for s in SIDES}, **{REWARDS[s]: f32 for s in SIDES}})
     if acc.is_main_process and not (out / META_FILE).exists():
-        _warn_other_caches(out, settings)
+        refcache.warn_other_caches(out, settings)
     writer = ShardedWriter.for_rows(out, list(range(len(dataset))), shard_size=SHARD_ROWS, settings=settings,
                                     state=acc, features=features)
     todo = writer.pending_shards()
@@ -321,7 +188,7 @@ def _compute(trainer, dataset, name, out, settings, ref_rows, texts, call, conte
     sharded = is_sharded(call) or is_sharded(model)
     lockstep_needed = sharded and acc.num_processes > 1
     if not todo and not lockstep_needed:
-        with _quiet_datasets():
+        with refcache.quiet_datasets():
             writer.finalize({"stage": "reference", "settings": settings})
         if stats["reused"]:
             logger.info("reference pass (%s): re-used the cache %s", name, out)
@@ -387,7 +254,7 @@ def _compute(trainer, dataset, name, out, settings, ref_rows, texts, call, conte
             call.to(moved)
     stats["forwards"] = counter["n"] - (lock.dummies if lock else 0)
     stats["dummy_forwards"] = lock.dummies if lock else 0
-    with _quiet_datasets():
+    with refcache.quiet_datasets():
         writer.finalize({"stage": "reference", "settings": settings})
     if stats["computed_rows"]:
         tps = prog.real_tokens / prog.seconds if prog.seconds else 0.0
@@ -462,52 +329,3 @@ def _rows(sub, rows, jobs, scores, cfg, do_ref, ref_set) -> list[dict]:
     return out
 
 
-@contextlib.contextmanager
-def _quiet_datasets():
-    """datasets' own "Saving the dataset" bars off while the cache is merged (the pass has its own bar)."""
-    import datasets
-    was = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was:
-            datasets.enable_progress_bars()
-
-
-def _load(out: Path):
-    from datasets import load_from_disk
-    return load_from_disk(str(out))
-
-
-def _merge(dataset, cached, ref_rows, rewards):
-    """Put the cached columns into ``dataset``: whole columns when every row was computed, else row by row."""
-    from datasets import concatenate_datasets
-    full = []
-    if rewards:
-        full += [REWARDS[s] for s in SIDES]
-    ref_cols = [*REF_SUM.values(), *REF_TOK.values()]
-    whole_ref = ref_rows is not None and len(ref_rows) == len(dataset)
-    if whole_ref:
-        full += ref_cols
-    if full:
-        if getattr(dataset, "_indices", None) is not None:
-            dataset = dataset.flatten_indices()
-        dataset = dataset.remove_columns([c for c in full if c in dataset.column_names])
-        dataset = concatenate_datasets([dataset, cached.select_columns(full)], axis=1)
-    if ref_rows is not None and not whole_ref:      # only the rows truncation invalidated (null ones)
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        if getattr(dataset, "_indices", None) is not None:
-            dataset = dataset.flatten_indices()
-        mine = np.zeros(len(dataset), dtype=bool)
-        mine[ref_rows] = True
-        table, fresh = dataset.with_format("arrow")[:], cached.with_format("arrow")[:]
-        for column in ref_cols:
-            new = fresh[column].combine_chunks()
-            old = table[column].combine_chunks() if column in table.column_names else pa.nulls(len(mine), new.type)
-            values = pc.if_else(pa.array(mine), new, old.cast(new.type))
-            if column in dataset.column_names:
-                dataset = dataset.remove_columns(column)
-            dataset = dataset.add_column(column, values, feature=cached.features[column])
-    return dataset
