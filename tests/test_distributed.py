@@ -167,7 +167,7 @@ def run(mode, out, per_device):
         trainer.train()
     result = {"world": state.num_processes, "info": gather_object([info]),
               "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-              "ref": list(trainer.train_dataset["ref_chosen_logps"]) + list(trainer.train_dataset["ref_rejected_logps"]),
+              "ref": [*trainer.train_dataset["ref_chosen_logps"], *trainer.train_dataset["ref_rejected_logps"]],
               "rewards": [v for r in trainer.train_dataset["chosen_token_rewards"] for v in r]}
     if state.is_main_process:
         with open(f"{out}/result.json", "w") as fh:

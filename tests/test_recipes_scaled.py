@@ -1,8 +1,8 @@
 """The paper recipes' train.yaml (configs/llama3-8b-instruct-dpo-reg, configs/gemma2-9b-it-simpo-reg) run through the
 reference pass and their first optimizer steps on CPU, on a scaled-down random-init model of the same
 architecture (Llama-3: GQA, rope_theta 500k, untied head; Gemma-2: sliding/global layers, logit soft-capping,
-tied head), with every recipe field kept except the model, output and cache directories, step count and the CPU switch. The data has
-texts but no token rewards or reference log-probs, so the trainer computes them itself (the one-line switch).
+tied head), with every recipe field kept except the model, output and cache directories, step count and the CPU
+switch. The data has texts but no token rewards or reference log-probs, so the trainer computes them itself (the one-line switch).
 ZeRO-3 (the recipes' launcher) is not available on CPU: benchmarks/gpu_check.sh runs it on a GPU."""
 import os
 import sys
@@ -71,7 +71,8 @@ def test_recipe_reference_pass_and_first_steps_on_a_scaled_down_model(recipe, tm
     # the recipe itself is untouched: method, precision, checkpointing, accumulation, max_length
     assert config.bf16 and config.gradient_checkpointing and config.gradient_accumulation_steps == 8
     assert config.max_length == 2048 and config.alpha == 0.25
-    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype, attn_implementation=config.attn_implementation)
+    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype,
+                           attn_implementation=config.attn_implementation)
     assert next(model.parameters()).dtype == torch.bfloat16
     before = [p.detach().float().clone() for p in model.parameters()]
     pairs = 2 * config.per_device_train_batch_size * config.gradient_accumulation_steps   # two optimizer steps

@@ -205,7 +205,8 @@ def test_in_trainer_rewards_from_trl_columns_equal_treg_annotate(tok, tmp_path):
     """A dataset carrying TRL's prompt/chosen/rejected (conversational here) instead of treg's text columns."""
     from treg.io.schema import TEXT
     from treg.stages.annotate import annotate
-    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in (ROWS[0], ROWS[2], ROWS[3])]
     annotated = annotate(tiny_llama(len(tok)), tok, rows, template="revision", progress=False)
     bare = annotated.remove_columns([*REWARD_COLUMNS, *REF_COLUMNS, *TEXT.values()])

@@ -322,7 +322,8 @@ def _rows(sub, rows, jobs, scores, cfg, do_ref, ref_set) -> list[dict]:
                     in lp else n
                 r_hat = np.where(np.arange(n) < got, r_hat, 0.0).astype(np.float32)  # cut tokens: never trained on
                 out[k][REWARDS[side]] = r_hat.tolist()
-            for name, values in ((REF_TOK[side], out[k].get(REF_TOK[side])), (REWARDS[side], out[k].get(REWARDS[side]))):
+            for name in (REF_TOK[side], REWARDS[side]):
+                values = out[k].get(name)
                 if values is not None and not np.isfinite(values).all():
                     raise TregError("the reference model produced a non-finite value (NaN/inf); check the model and "
                                     "its dtype", row=row, field=name)

@@ -10,8 +10,9 @@ Reference log-probs (DPO only): taken from the data when present (``ref_*_logps`
 otherwise, with ``precompute_ref_log_probs`` (default), computed once in ``__init__`` with the
 initial model in eval mode and no grad (PEFT: adapters disabled) and stored as dataset columns,
 so only the policy is held during training; token rewards missing with alpha > 0 are computed in
-the same pass; cached on disk and resumable (:mod:`treg.stages.reference`). With ``precompute_ref_log_probs=False`` they are
-scored every step (PEFT: adapters disabled; full fine-tuning: a frozen copy of the initial model).
+the same pass; cached on disk and resumable (:mod:`treg.stages.reference`). With
+``precompute_ref_log_probs=False`` they are scored every step (PEFT: adapters disabled; full
+fine-tuning: a frozen copy of the initial model).
 
 Loss scaling: ``compute_loss`` returns the mean over the pairs of the micro-batch, so the
 Trainer divides it by the accumulation steps (``loss_is_scaled_for_ga = False``, as TRL's
