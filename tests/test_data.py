@@ -133,7 +133,10 @@ def test_collator_truncates_exactly_like_trl(mode):
     expected_mask = trl["completion_mask"].float()
     expected_mask[:, 0] = 0  # TRL never scores position 0 either (it shifts by one)
     assert torch.equal(ours["response_mask"], expected_mask)
-    assert "ref_chosen_logps" not in ours  # sequences were cut: stale reference columns are gone
+    if mode == "keep_start":  # kept tokens keep their prefix: stored values stay, sums follow the kept tokens
+        assert torch.allclose(ours["ref_token_logps"][:len(rows)].sum(1), ours["ref_chosen_logps"], atol=1e-4)
+    else:                     # keep_end cut the prompt's head: those rows are nulled for recomputation
+        assert "ref_chosen_logps" not in ours and any(r["ref_chosen_logps"] is None for r in rows)
     if mode == "keep_start":
         assert dropped == long_prompts
     b = len(rows)

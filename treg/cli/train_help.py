@@ -17,7 +17,7 @@ TREG_GROUPS = {
     "Model and data": ["model_name_or_path", "dataset_path", "eval_dataset_path", "dtype", "attn_implementation",
                        "max_length", "truncation_mode", "pad_to_multiple_of"],
     "Method (T-REG)": ["method", "beta", "gamma", "alpha", "weighting"],
-    "Reference log-probs": ["precompute_ref_log_probs", "precompute_ref_batch_size", "logprob_chunk_size",
+    "Reference log-probs": ["precompute_ref_log_probs", "precompute_ref_batch_size", "ref_cache_dir", "logprob_chunk_size",
                             "disable_dropout"],
     "LoRA (needs treg[peft])": ["use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"],
 }

@@ -8,8 +8,11 @@ cuts each side's ``prompt + response`` sequence on its own, like TRL's ``DataCol
 ``keep_start`` keeps ``seq[:max_length]`` (the response loses its tail) and a pair whose prompt
 alone fills ``max_length`` is dropped beforehand (TRL drops these too); ``keep_end`` keeps
 ``seq[-max_length:]`` (the prompt loses its head first). Token rewards and per-token reference
-log-probs are cut in lockstep with the tokens. Truncation changes what the reference scored, so if
-any sequence is cut, stored reference log-probs are removed and recomputed by the trainer.
+log-probs are cut in lockstep with the tokens. Stored reference log-probs stay exact where they can:
+log p(y_t | x, y_<t) depends on the prefix only, so under ``keep_start`` the kept tokens' values are
+unchanged and only the sums are recomputed from them; under ``keep_end`` a cut removes the head of
+the prompt, so the rows cut that way (and only those) get null reference values, which the trainer's
+reference pass (:mod:`treg.stages.reference`) recomputes.
 """
 
 from __future__ import annotations
@@ -145,8 +148,8 @@ def truncate_pairs(dataset, max_length: int | None, truncation_mode: str = "keep
 
     Returns ``(dataset, dropped)``. With ``keep_start``, pairs whose prompt alone fills
     ``max_length`` are removed (the response would vanish; TRL 1.16 drops them too) and counted in
-    ``dropped``. If any sequence will be cut, stored reference log-prob columns are removed: they
-    scored the uncut sequence, so the trainer recomputes them on what it actually trains on.
+    ``dropped``. Stored reference log-probs of cut sequences are kept exact (:func:`exact_reference`):
+    never is a whole column thrown away.
     """
     if truncation_mode not in TRUNCATION_MODES:
         raise TregError(f"unknown truncation_mode '{truncation_mode}' (choose {' or '.join(TRUNCATION_MODES)})",
@@ -155,9 +158,7 @@ def truncate_pairs(dataset, max_length: int | None, truncation_mode: str = "keep
         return dataset, 0
     if max_length < 2:
         raise TregError("max_length must be >= 2 (a prompt token and a response token)", field="max_length")
-    import pyarrow.compute as pc
-    table = dataset.with_format("arrow")[:]
-    n = {c: pc.list_value_length(table[c]).to_numpy(zero_copy_only=False) for c in (PROMPT, *IDS.values())}
+    n = _lengths(dataset)
     longest = n[PROMPT] + np.maximum(n[IDS["chosen"]], n[IDS["rejected"]])
     if int(longest.max()) <= max_length:
         return dataset, 0
@@ -172,12 +173,73 @@ def truncate_pairs(dataset, max_length: int | None, truncation_mode: str = "keep
     dropped = before - len(dataset)
     if dropped:
         logger.warning("dropped %d of %d pairs whose prompt fills max_length=%d", dropped, before, max_length)
-    stale = [c for c in REF_COLUMNS if c in dataset.column_names]
-    if stale:
-        logger.warning("sequences longer than max_length=%d: stored reference log-probs are dropped and "
-                       "will be recomputed on the truncated sequences", max_length)
-        dataset = dataset.remove_columns(stale)
-    return dataset, dropped
+    return exact_reference(dataset, max_length, truncation_mode), dropped
+
+
+def _lengths(dataset) -> dict[str, np.ndarray]:
+    import pyarrow.compute as pc
+    table = dataset.with_format("arrow")[:]
+    return {c: pc.list_value_length(table[c]).to_numpy(zero_copy_only=False) for c in (PROMPT, *IDS.values())}
+
+
+def exact_reference(dataset, max_length: int, truncation_mode: str):
+    """Stored ``ref_*`` values made exact for the truncated sequences, recomputing only what a cut invalidates.
+
+    ``keep_start``: the kept tokens keep their prefix, so their per-token values are exact; the sums
+    of cut sequences become the sums of the kept tokens' values (a row with sums but no per-token
+    values cannot be fixed that way and is marked stale). ``keep_end``: a cut removes the head of the
+    sequence, which changes every kept token's prefix: the row is marked stale. Stale rows get null
+    in every ``ref_*`` column; the trainer's reference pass recomputes exactly those rows.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    present = [c for c in REF_COLUMNS if c in dataset.column_names]
+    if not present or not any(REF_SUM[s] in present for s in SIDES):
+        return dataset
+    n = _lengths(dataset)
+    table = dataset.with_format("arrow")[:]
+    stale = np.zeros(len(dataset), dtype=bool)
+    new: dict[str, Any] = {}
+    cut_any = 0
+    for side in SIDES:
+        cut = n[PROMPT] + n[IDS[side]] > max_length
+        cut_any += int(cut.sum())
+        if not cut.any() or REF_SUM[side] not in present:
+            continue
+        if truncation_mode == "keep_end" or REF_TOK[side] not in present:
+            stale |= cut
+            continue
+        tok = table[REF_TOK[side]]
+        stale |= cut & tok.is_null().to_numpy(zero_copy_only=False)
+        lengths = pc.fill_null(pc.list_value_length(tok), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        flat = np.concatenate([[0.0], np.cumsum(pc.list_flatten(tok).to_numpy(zero_copy_only=False), dtype=np.float64)])
+        keep = np.clip(max_length - n[PROMPT].astype(np.int64), 0, lengths)   # response tokens kept (keep_start)
+        kept_sum = flat[starts + keep] - flat[starts]
+        old = table[REF_SUM[side]]
+        sums = pc.fill_null(old, np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
+        new[REF_SUM[side]] = pa.array(np.where(cut, kept_sum, sums), mask=old.is_null().to_numpy(zero_copy_only=False))
+    if not cut_any:
+        return dataset
+    if stale.any():
+        mask = pa.array(stale)
+        for column in present:
+            col = new.get(column, table[column])
+            new[column] = pc.if_else(mask, pa.nulls(len(stale), type=col.type), col)
+    if getattr(dataset, "_indices", None) is not None:
+        dataset = dataset.flatten_indices()
+    for column, values in new.items():
+        feature = dataset.features[column]
+        values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        dataset = dataset.remove_columns(column).add_column(column, values, feature=feature)
+    if stale.any():
+        logger.warning("max_length=%d (%s) cuts %d sequences: %d of %d rows lose stored reference log-probs "
+                       "(their kept tokens' prefix changed) and are recomputed; the other rows keep theirs",
+                       max_length, truncation_mode, cut_any, int(stale.sum()), len(dataset))
+    else:
+        logger.info("max_length=%d cuts %d sequences: reference sums recomputed from the kept tokens' "
+                    "stored values (exact under keep_start)", max_length, cut_any)
+    return dataset
 
 
 def truncate_sequence(values: list, max_length: int | None, mode: str) -> list:

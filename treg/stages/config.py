@@ -104,8 +104,9 @@ class TRegConfig(TrainingArguments):
     precompute_ref_log_probs: bool = _f(True, "Compute reference log-probs once before training (when the data "
                                               "lacks them) so only the policy is held in memory. False: score "
                                               "the reference every step (PEFT: adapters off; else a frozen copy).")
-    precompute_ref_batch_size: int | None = _f(None, "Batch size of the reference pass (default: "
-                                                     "per_device_eval_batch_size).")
+    precompute_ref_batch_size: int | None = _f(None, "Pairs per forward of the reference pass (default: a "
+                                                     "token budget, 2048 on CPU, 16384 on GPUs).")
+    ref_cache_dir: str | None = _f(None, "Reference-pass cache, re-used by reruns (default: output_dir/ref_cache).")
     logprob_chunk_size: int = _f(512, "Token rows per output-head chunk for log-probs, so the (B, T, V) float32 "
                                       "logits are never built whole; 0 = the model's full logits (faster on a GPU "
                                       "when memory allows, see docs/benchmarks.md).")

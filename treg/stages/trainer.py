@@ -10,8 +10,10 @@ model names/paths, TRL-format datasets: :mod:`treg.stages.trl_data`), and the me
 Reference log-probs (DPO only): taken from the data when present (``ref_*_logps`` columns);
 otherwise, with ``precompute_ref_log_probs`` (default), computed once in ``__init__`` with the
 initial model in eval mode and no grad (PEFT: adapters disabled) and stored as dataset columns,
-so only the policy is held during training. With ``precompute_ref_log_probs=False`` they are
-scored every step (PEFT: adapters disabled; full fine-tuning: a frozen copy of the initial model).
+so only the policy is held during training; token rewards missing with alpha > 0 are computed in
+the same pass; cached on disk and resumable (:mod:`treg.stages.reference`). With
+``precompute_ref_log_probs=False`` they are scored every step (PEFT: adapters disabled; full
+fine-tuning: a frozen copy of the initial model).
 
 Loss scaling: ``compute_loss`` returns the mean over the pairs of the micro-batch, so the
 Trainer divides it by the accumulation steps (``loss_is_scaled_for_ga = False``, as TRL's
@@ -27,19 +29,17 @@ import copy
 import logging
 from collections import defaultdict
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import set_seed
 
 from treg.stages.config import TRegConfig
 from treg.stages.trl_data import check_args, eval_list, map_eval, prepare_dataset, resolve_model
-from treg.io.data import PairCollator, response_window, truncate_pairs
-from treg.io.schema import IDS, PROMPT, REF_SUM, REF_TOK, REWARD_COLUMNS, SIDES, required_columns
+from treg.io.data import PairCollator, truncate_pairs
+from treg.io.schema import IDS, PROMPT, REF_SUM, REF_TOK, REWARD_COLUMNS, SIDES
 from treg.errors import TregError
 from treg.io.loading import pad_token_id
-from treg.method.losses import PREFERENCE_LOSSES, needs_token_rewards, treg_loss
+from treg.method.losses import PREFERENCE_LOSSES, treg_loss
 from treg.method.logprobs import model_token_logps
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,6 @@ class TRegTrainer(Trainer):
         train_dataset = prepare_dataset(train_dataset, processing_class, num_proc=num_proc, name="train")
         eval_dataset = map_eval(eval_dataset, lambda d, n: prepare_dataset(d, processing_class, num_proc=num_proc,
                                                                             name=n))
-        self._check_rewards(train_dataset, args)
         if peft_config is None and args.use_peft:
             peft_config = lora_config(args)
         if peft_config is not None:
@@ -190,18 +189,9 @@ class TRegTrainer(Trainer):
         if ref_model is not None and needs_ref:
             ref_model = ref_model.eval().requires_grad_(False)
             self.ref_model = self.accelerator.prepare_model(ref_model.to(self.args.device), evaluation_mode=True)
-        if needs_ref and args.precompute_ref_log_probs:
-            self.train_dataset = self._add_reference(self.train_dataset, "train")
-            self.eval_dataset = map_eval(self.eval_dataset, lambda d, n: self._add_reference(d, n))
-
-    @staticmethod
-    def _check_rewards(dataset, args) -> None:
-        """The run's required columns (token rewards when alpha > 0) are in the data, or one line says how."""
-        need = required_columns(need_token_rewards=needs_token_rewards(args.alpha))
-        missing = [c for c in need if c not in dataset.column_names]
-        if missing:
-            raise TregError(f"alpha={args.alpha} needs token rewards; the dataset has no '{missing[0]}' (run "
-                            "'treg annotate' on it, or set alpha 0)", field=missing[0])
+        # Reference log-probs and token rewards the data lacks (treg.stages.reference; no-op when none is missing)
+        self.train_dataset = self._add_reference(self.train_dataset, "train")
+        self.eval_dataset = map_eval(self.eval_dataset, lambda d, n: self._add_reference(d, n))
 
     # ---------------------------------------------------------------------------------------
     # log-probs and the reference
@@ -235,62 +225,15 @@ class TRegTrainer(Trainer):
             eval_dataset = prepare_dataset(eval_dataset, self.processing_class, num_proc=self.args.dataset_num_proc,
                                            name="eval")
             eval_dataset, _ = truncate_pairs(eval_dataset, self.args.max_length, self.args.truncation_mode)
-            if PREFERENCE_LOSSES[self.args.method].needs_ref and self.args.precompute_ref_log_probs:
-                eval_dataset = self._add_reference(eval_dataset, "eval")
+            eval_dataset = self._add_reference(eval_dataset, "eval")
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
                                 metric_key_prefix=metric_key_prefix)
 
     def _add_reference(self, dataset, name: str):
-        """Add ref_{chosen,rejected}_logps (+ per-token) columns unless present: one no-grad pass.
-
-        Each process scores every ``world``-th row; rows are gathered so all processes hold the
-        full columns. Per-token values are stored per response token (0 where truncation cut it).
-        """
-        if all(REF_SUM[s] in dataset.column_names for s in SIDES):
-            return dataset
-        if self.state.global_step > 0 and not is_peft_model(self.accelerator.unwrap_model(self.model)):
-            raise TregError(f"the {name} dataset has no reference log-probs and the policy has already been "
-                            "trained; pass it before training or add ref_*_logps columns",
-                            field="precompute_ref_log_probs")
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise TregError("with DeepSpeed ZeRO-3, store reference log-probs in the data first "
-                            "('treg annotate' writes ref_*_logps)", field="precompute_ref_log_probs")
-        dataset = dataset.remove_columns([c for c in (*REF_SUM.values(), *REF_TOK.values())
-                                          if c in dataset.column_names])
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        rows = list(range(rank, len(dataset), world))
-        loader = DataLoader(dataset.select(rows), batch_size=self.args.precompute_ref_batch_size
-                            or self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        results, at = [], 0
-        max_len, mode = self.args.max_length, self.args.truncation_mode
-        with self.accelerator.autocast():
-            for batch in loader:
-                batch = {k: v.to(self.args.device) for k, v in batch.items()}
-                tok = self._reference_logps(batch).float().cpu()   # (2B, L)
-                b = tok.shape[0] // 2
-                for i in range(b):
-                    row = dataset[rows[at + i]]
-                    out = {"index": rows[at + i]}
-                    for k, side in enumerate(SIDES):
-                        values = np.zeros(len(row[IDS[side]]), dtype=np.float32)
-                        pos0, lo, hi = response_window(len(row[PROMPT]), len(values), max_len, mode)
-                        values[lo:hi] = tok[k * b + i, pos0 + lo:pos0 + hi].numpy()
-                        out[REF_TOK[side]] = values
-                        out[REF_SUM[side]] = float(tok[k * b + i].sum())  # == sum(values)
-                    results.append(out)
-                at += b
-        model.train(was_training)
-        if world > 1:
-            from accelerate.utils import gather_object
-            results = gather_object(results)
-        results.sort(key=lambda r: r["index"])
-        for column in (*REF_SUM.values(), *REF_TOK.values()):
-            dataset = dataset.add_column(column, [r[column] for r in results])
-        logger.info("computed reference log-probs for %d %s pairs", len(results), name)
-        return dataset
+        """Reference log-probs (+ token rewards when alpha > 0 and the data has none) that ``dataset`` lacks:
+        computed once, cached on disk, resumable, lockstep under ZeRO-3/FSDP (treg.stages.reference)."""
+        from treg.stages.reference import add_reference
+        return add_reference(self, dataset, name)
 
     # ---------------------------------------------------------------------------------------
     # the loss
