@@ -46,8 +46,48 @@ def test_resume_refuse_overwrite_and_finalize(tmp_path):
     assert _writer(out).complete and _writer(out).pending_shards() == []
     with pytest.raises(TregError, match="finished dataset"):
         _writer(out, settings={"a": 2})
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     w3 = _writer(out, settings={"a": 2}, overwrite=True)
-    assert w3.pending_shards() == [0, 1, 2, 3] and not (out / "treg_meta.json").exists()
+    assert w3.pending_shards() == [0, 1, 2, 3] and not w3.complete
+    w3.write(0, [{"i": -1, "x": []}, {"i": -2, "x": []}])
+    # --overwrite keeps the old output byte-identical until the new one is complete...
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    w4 = _writer(out, settings={"a": 2})  # ...a rerun after a crash resumes the --overwrite run...
+    assert w4.done_shards() == {0} and not w4.complete
+    with pytest.raises(TregError, match=r"unfinished --overwrite run .*changed: a"):
+        _writer(out, settings={"a": 3})
+    for i in w4.pending_shards():
+        w4.write(i, _rows(i))
+    w4.finalize({"stage": "t"})  # ...and only finalize swaps it in
+    assert datasets.load_from_disk(str(out))["i"][:2] == [-1, -2]
+    assert read_meta(out)["fingerprint"] == w4.fingerprint and not list(tmp_path.glob(".out.*"))
+
+
+def test_overwrite_with_the_same_settings_recomputes_and_a_failed_one_leaves_the_old(tmp_path):
+    out = tmp_path / "out"
+    w = _writer(out)
+    for i in range(4):
+        w.write(i, _rows(i))
+    w.finalize({"stage": "t"})
+    again = _writer(out, overwrite=True)
+    assert not again.complete and again.pending_shards() == [0, 1, 2, 3]
+
+    def boom(i, rows):
+        raise RuntimeError("reward function failed")
+
+    again.rows, again.shard_size = list(range(8)), 2
+    with pytest.raises(RuntimeError):
+        again.run(boom)
+    assert datasets.load_from_disk(str(out))["i"] == [0, 1, 10, 11, 20, 21, 30, 31]
+    foreign = tmp_path / "f"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    fw = _writer(foreign, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "mine"  # still there while the new run works
+    for i in range(4):
+        fw.write(i, _rows(i))
+    fw.finalize({"stage": "t"})
+    assert not (foreign / "notes.txt").exists() and len(datasets.load_from_disk(str(foreign))) == 8
 
 
 def test_world_partition_and_foreign_dir(tmp_path):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 import sys
 
 import pytest
@@ -158,14 +161,22 @@ def test_help_is_short_grouped_and_help_all_lists_every_field(capsys):
 
 def test_summary_after_resume_describes_the_whole_run(tmp_path, model_dir, capsys):
     data = write_pairs(tmp_path / "ann", model_dir[1], n=8)
-    config = run_yaml(tmp_path, model_dir, data, save_strategy="steps", save_steps=2)
+    config = run_yaml(tmp_path, model_dir, data, save_strategy="steps", save_steps=2, lr_scheduler_type="constant")
     assert main(["train", "--config", config]) == 0
     assert (tmp_path / "out" / "checkpoint-2").is_dir()
     capsys.readouterr()
     assert main(["train", "--config", config, "--max_steps", "4",
                  "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-2")]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "4 steps on 8 pairs" in line and "resumed at step 2, mean loss" in line and "over steps 3-4" in line
+    assert "4 steps on 8 pairs" in line and "resumed at step 2, mean loss" in line and "over steps 1-4" in line
+    # the whole run's mean equals that of an uninterrupted 4-step run (same data order and updates)
+    resumed = float(re.search(r"mean loss ([\d.]+) over steps 1-4", line).group(1))
+    assert main(["train", "--config", config, "--max_steps", "4", "--output_dir", str(tmp_path / "straight"),
+                 "--save_strategy", "no"]) == 0
+    straight = float(re.search(r"mean loss ([\d.]+)", capsys.readouterr().out.strip().splitlines()[-1]).group(1))
+    assert abs(resumed - straight) < 1e-3, (resumed, straight)
+    record = json.loads((tmp_path / "out" / "checkpoint-2" / "treg_run_loss.json").read_text())
+    assert record["steps"] == 2 and math.isfinite(record["loss_sum"])
 
 
 def test_file_size_limit_while_saving_leaves_no_temp_dir(tmp_path, model_dir):

@@ -101,10 +101,17 @@ def main(argv: list[str]) -> int:
     if trainer.is_world_process_zero():
         pairs = len(trainer.train_dataset)
         what = "LoRA adapter" if config.use_peft else "model"
-        # after a resume, transformers' training_loss averages only the steps run now: say so
+        # after a resume, transformers' training_loss averages only the steps run now; the trainer adds the
+        # steps before it from the checkpoint's record (trainer.run_loss), else the line says what it covers
         first = getattr(trainer, "_initial_global_step", 0) or 0
-        loss = (f"mean loss {result.training_loss:.4f}" if not first else
-                f"resumed at step {first}, mean loss {result.training_loss:.4f} over steps {first + 1}-{result.global_step}")
+        if not first:
+            loss = f"mean loss {result.training_loss:.4f}"
+        elif trainer.run_loss is not None:
+            loss = (f"resumed at step {first}, mean loss {trainer.run_loss:.4f} over steps 1-{result.global_step} "
+                    f"({result.training_loss:.4f} over {first + 1}-{result.global_step})")
+        else:
+            loss = (f"resumed at step {first} (the checkpoint has no loss record of the steps before), mean loss "
+                    f"{result.training_loss:.4f} over steps {first + 1}-{result.global_step}")
         print(f"treg train: {config.method}{'-REG' if need_rewards else ''} alpha={config.alpha:g} "
               f"{result.global_step} steps on {pairs} pairs ({trainer.dropped_pairs} dropped), "
               f"{loss}, {time.time() - start:.0f}s; {what} + tokenizer saved to {config.output_dir}")

@@ -5,6 +5,10 @@ Layout while running::
     OUT/.shards/settings.json        {"fingerprint", "num_shards", "settings"}  (written first)
     OUT/.shards/shard-00003.parquet  rows of shard 3, written to a temp file + os.replace
 
+``--overwrite`` of a finished output (or of a directory treg did not write) keeps it in place until
+the new one is complete: the new run's shards go to the sibling ``.OUT.overwrite/`` (a rerun after a
+crash resumes there), and ``finalize`` swaps the new dataset in and removes the sibling.
+
 When every shard exists, ``finalize(meta)`` concatenates the shards in index order into one
 ``datasets`` directory + ``treg_meta.json`` (``meta`` plus ``fingerprint``), built in a sibling temp
 dir and swapped into ``OUT`` by renames (a crash in between is repaired on the next start), and the
@@ -38,6 +42,7 @@ from treg.io.fsutil import atomic_directory, atomic_file, atomic_write_text
 from treg.io.meta import META_FILE, stable_hash, write_meta
 
 SHARD_DIR = ".shards"
+STAGING = "overwrite"  # OUT/../.OUT.overwrite: the shards of an --overwrite run while the old OUT stays
 SETTINGS_FILE = "settings.json"
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
 
@@ -62,7 +67,9 @@ class ShardedWriter:
         if rank == 0:
             self._prepare(overwrite)
         self._barrier()
-        self.complete = self._final_fingerprint() == self.fingerprint
+        if self._settings_at(self._staging()).get("fingerprint") == self.fingerprint:
+            self.shard_dir = self._staging()  # an --overwrite run: the old output stays until finalize
+        self.complete = self.shard_dir != self._staging() and self._final_fingerprint() == self.fingerprint
         if not self.complete and rank != 0:
             self._check_settings()
 
@@ -79,14 +86,23 @@ class ShardedWriter:
         except (json.JSONDecodeError, OSError):
             return None
 
-    def _shard_settings(self) -> dict | None:
-        path = self.shard_dir / SETTINGS_FILE
-        if not path.exists():
-            return None
+    def _staging(self) -> Path:
+        return self.out.parent / f".{self.out.name}.{STAGING}"
+
+    @staticmethod
+    def _settings_at(shard_dir: Path) -> dict:
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None
+            found = json.loads((shard_dir / SETTINGS_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    def _shard_settings(self) -> dict | None:
+        return self._settings_at(self.shard_dir) or None
+
+    @staticmethod
+    def _has_shards(shard_dir: Path) -> bool:
+        return shard_dir.is_dir() and any(_SHARD_RE.match(p.name) for p in shard_dir.iterdir())
 
     def _changed(self, old) -> list[str]:
         """Names of the settings that differ from ``old`` (as recorded in settings.json)."""
@@ -105,6 +121,15 @@ class ShardedWriter:
             os.replace(old[-1], self.out)
         for leftover in self._siblings("tmp") + self._siblings("old"):
             shutil.rmtree(leftover, ignore_errors=True)
+        staging = self._staging()
+        if staging.exists():  # an earlier --overwrite run that did not finish
+            staged = self._settings_at(staging)
+            if staged.get("fingerprint") == self.fingerprint:
+                return self._open(staging)  # resume it
+            if not overwrite and self._has_shards(staging):
+                self._refuse(f"an unfinished --overwrite run of this output (in {staging}; changed: "
+                             f"{', '.join(self._changed(staged.get('settings')))}) was made")
+            shutil.rmtree(staging)
         if self.out.exists() and not self.out.is_dir():
             raise TregError("output exists and is not a directory", file=str(self.out))
         if self.out.exists():
@@ -115,12 +140,12 @@ class ShardedWriter:
                     return  # complete already
                 if not overwrite:
                     self._refuse("the output holds a finished dataset made")
-                shutil.rmtree(self.out)
+                return self._open(staging)  # the finished output stays until the new one is complete
             elif shard_settings is not None:
                 if shard_settings.get("fingerprint") != self.fingerprint:
                     # a run that finished no shard (e.g. its reward function raised on the first rows) is
                     # simply replaced; one with finished shards is refused, naming what changed
-                    if not overwrite and any(_SHARD_RE.match(p.name) for p in self.shard_dir.iterdir()):
+                    if not overwrite and self._has_shards(self.shard_dir):
                         self._refuse(f"the output holds an unfinished run (changed: "
                                      f"{', '.join(self._changed(shard_settings.get('settings')))})")
                     shutil.rmtree(self.out)
@@ -130,12 +155,17 @@ class ShardedWriter:
                 if not overwrite:
                     raise TregError("output directory is not empty and was not written by treg; pass "
                                     "--overwrite to replace it", file=str(self.out))
-                shutil.rmtree(self.out)
-        self.shard_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in self.shard_dir.glob(".*.tmp*"):
+                return self._open(staging)  # replaced only once the new output is complete
+        self._open(self.shard_dir)
+
+    def _open(self, shard_dir: Path) -> None:
+        """Use ``shard_dir`` for this run's shards: create it, drop killed writes, record the settings."""
+        self.shard_dir = shard_dir
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in shard_dir.glob(".*.tmp*"):
             tmp.unlink(missing_ok=True)
         if self._shard_settings() is None:
-            atomic_write_text(self.shard_dir / SETTINGS_FILE, json.dumps(
+            atomic_write_text(shard_dir / SETTINGS_FILE, json.dumps(
                 {"fingerprint": self.fingerprint, "num_shards": self.num_shards,
                  "settings": self.settings}, indent=2, sort_keys=True, default=str))
 
@@ -239,3 +269,5 @@ class ShardedWriter:
         with atomic_directory(self.out) as tmp:  # a crash between its two renames is repaired by _prepare
             dataset.save_to_disk(str(tmp))
             write_meta(tmp, meta)
+        if self.shard_dir == self._staging():  # an --overwrite run: the old output is gone now, so are its shards
+            shutil.rmtree(self.shard_dir, ignore_errors=True)

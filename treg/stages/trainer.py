@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
+import math
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -50,6 +53,7 @@ METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewa
                "treg/pref_loss", "treg/reg_loss", "treg/seq_weight", "treg/token_reward_mean_chosen",
                "treg/token_reward_mean_rejected", "treg/credit_agreement")
 _TOKENS = "_tokens"  # non-pad tokens of a training micro-batch: summed into the cumulative ``num_tokens``
+RUN_LOSS_FILE = "treg_run_loss.json"  # in each checkpoint: summed loss of steps 1..N (whole-run summaries)
 _COLUMNS = [PROMPT, *IDS.values(), *REWARD_COLUMNS, *REF_SUM.values(), *REF_TOK.values()]
 
 
@@ -185,6 +189,7 @@ class TRegTrainer(Trainer):
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers)
         self._metrics = {m: defaultdict(lambda: [0.0, 0.0]) for m in ("train", "eval")}  # key -> [sum v*w, sum w]
         self._total_train_tokens = 0
+        self._resumed_loss, self.run_loss = (0.0, 0), None  # see train()
         self.ref_model = None
         if ref_model is not None and needs_ref:
             ref_model = ref_model.eval().requires_grad_(False)
@@ -330,6 +335,41 @@ class TRegTrainer(Trainer):
             logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                            use_cache=False).logits
         return loss.detach(), logits, inputs["input_ids"]
+
+    # ---------------------------------------------------------------------------------------
+    # the whole run's mean loss across resumes
+    # ---------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        """As Trainer; also records in the checkpoint the summed loss of every step so far (this run's logged
+        and unlogged loss plus what the run resumed from), so that a resumed run can report the whole run."""
+        unlogged = float(self.accelerator.gather(self._tr_loss.detach()[None]).mean())  # collective: every rank
+        total = self._resumed_loss[0] + self._total_loss_scalar + unlogged
+        super()._save_checkpoint(model, trial)
+        if self.is_world_process_zero():
+            from treg.io.fsutil import atomic_write_text
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            atomic_write_text(folder / RUN_LOSS_FILE, json.dumps({"loss_sum": total, "steps": self.state.global_step}))
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        """As Trainer.train; afterwards ``self.run_loss`` is the mean loss over every step of the run, the
+        steps before a resume included (None when the checkpoint resumed from has no record of them)."""
+        self._resumed_loss = (0.0, 0)
+        if resume_from_checkpoint:
+            from transformers.trainer_utils import get_last_checkpoint
+            folder = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True \
+                else resume_from_checkpoint
+            try:
+                saved = json.loads((Path(folder) / RUN_LOSS_FILE).read_text())
+                self._resumed_loss = (float(saved["loss_sum"]), int(saved["steps"]))
+            except (OSError, TypeError, ValueError, KeyError):
+                self._resumed_loss = (float("nan"), -1)
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                               ignore_keys_for_eval=ignore_keys_for_eval)
+        prior, steps = self._resumed_loss
+        now = self.state.global_step - steps
+        total = prior + result.training_loss * now
+        self.run_loss = total / self.state.global_step if self.state.global_step and math.isfinite(total) else None
+        return result
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
