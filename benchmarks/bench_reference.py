@@ -46,7 +46,7 @@ def main(argv=None) -> None:
             cfg = TRegConfig(output_dir=out, use_cpu=True, report_to="none", disable_tqdm=True, alpha=args.alpha,
                              max_steps=1)
             t0 = time.perf_counter()
-            trainer = TRegTrainer(model, cfg, data, processing_class=tok)
+            trainer = TRegTrainer(model, args=cfg, train_dataset=data, processing_class=tok)
             seconds = time.perf_counter() - t0
             info = trainer.reference_info["train"]
             print(f"{run}: __init__ {seconds:.2f} s, forwards {len(calls)}, sequences {info['sequences']}, "

@@ -82,7 +82,7 @@ def run_treg(out: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(f"{out}/model", dtype=torch.bfloat16)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    trainer = TRegTrainer(model, args, data, processing_class=tok)
+    trainer = TRegTrainer(model, args=args, train_dataset=data, processing_class=tok)
     ref_s = time.perf_counter() - t0
     info = trainer.reference_info.get("train", {})
     t0 = time.perf_counter()

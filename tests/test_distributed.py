@@ -161,7 +161,7 @@ def run(mode, out, per_device):
                       per_device_train_batch_size=per_device, learning_rate=1e-3, logging_steps=1, seed=0,
                       save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, alpha=0.25,
                       lr_scheduler_type="constant", max_length=14, precompute_ref_batch_size=1)
-    trainer = TRegTrainer(model, args, make_pairs(7 if mode == "fsdp" else 16), processing_class=tok)
+    trainer = TRegTrainer(model, args=args, train_dataset=make_pairs(7 if mode == "fsdp" else 16), processing_class=tok)
     info = {"forwards": len(calls), **trainer.reference_info["train"]}
     if mode == "train":
         trainer.train()

@@ -76,7 +76,7 @@ def test_recipe_reference_pass_and_first_steps_on_a_scaled_down_model(recipe, tm
     assert next(model.parameters()).dtype == torch.bfloat16
     before = [p.detach().float().clone() for p in model.parameters()]
     pairs = 2 * config.per_device_train_batch_size * config.gradient_accumulation_steps   # two optimizer steps
-    trainer = TRegTrainer(model, config, text_pairs(tok, pairs), processing_class=tok)
+    trainer = TRegTrainer(model, args=config, train_dataset=text_pairs(tok, pairs), processing_class=tok)
     info = trainer.reference_info["train"]
     assert info["computed_rows"] == pairs and info["sequences"] > 0 and info["cache"].startswith(str(tmp_path))
     columns = trainer.train_dataset.column_names

@@ -34,7 +34,7 @@ def _trainer(tok, data, out, *, seed=0, **kw):
     model = tiny_llama(len(tok), seed=seed)
     calls = []
     model.register_forward_pre_hook(lambda *a: calls.append(1))
-    trainer = TRegTrainer(model, _args(out, **kw), data, processing_class=tok)
+    trainer = TRegTrainer(model, args=_args(out, **kw), train_dataset=data, processing_class=tok)
     trainer.forwards = len(calls)
     return trainer
 

@@ -91,8 +91,15 @@ def test_same_ids_losses_and_metrics_as_trl(model_dir, tmp_path, fmt, precompute
     b = [h for h in theirs.state.log_history if "loss" in h]
     assert len(a) == len(b) == 2
     assert a[-1]["loss"] != a[0]["loss"]                               # it trained: the comparison is not vacuous
+    # At the first step policy == reference, so every margin is 0 up to float noise (1e-7): TRL's precompute runs
+    # the training batches bit for bit, treg's reference pass another batching (seqscore), and "chosen > rejected"
+    # of a noise-level margin is a coin flip. Accuracies are compared where the margins are not noise.
+    tie = torch.tensor([abs(h["rewards/margins"]) < 1e-5 for h in b])
     for key in ("loss", *TRL_METRICS):
         got, want = torch.tensor([h[key] for h in a]), torch.tensor([h[key] for h in b])
+        if key == "rewards/accuracies":
+            got, want = got[~tie], want[~tie]
+            assert len(got) >= 1  # the second step has real margins
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (key, got, want)
 
 
@@ -160,9 +167,13 @@ def test_bad_inputs_are_one_line_errors(model_dir, tmp_path):
         TRegTrainer(model_dir, args=DPOConfig(output_dir=str(tmp_path), use_cpu=True), train_dataset=dataset("x"))
     with pytest.raises(TregError, match="by name"):
         TRegTrainer(model_dir, cfg, dataset("standard_explicit"))          # the old positional order
-    with pytest.raises(TregError, match="alpha=0.25 needs token rewards"):
+    # alpha > 0 on a TRL dataset computes the token rewards in the trainer (tests/test_reference_cache.py); on
+    # token ids with no texts to build the contrastive contexts from, one line says what to do
+    ids_only = Dataset.from_list([{"prompt_input_ids": [5, 6], "chosen_input_ids": [7, 8], "rejected_input_ids": [9]}])
+    with pytest.raises(TregError, match="no texts to compute them from") as err:
         TRegTrainer(model_dir, args=TRegConfig.from_dpo_config(dpo_config(tmp_path), alpha=0.25),
-                    train_dataset=dataset("standard_explicit"))
+                    train_dataset=ids_only)
+    assert "\n" not in str(err.value)
 
 
 def test_ref_model_eval_dict_and_compute_metrics(model_dir, tmp_path):

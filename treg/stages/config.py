@@ -77,9 +77,8 @@ class TRegConfig(TrainingArguments):
                                               "reference is this model before training.")
     dtype: str = _f("auto", "dtype the model weights are loaded in (mixed precision is bf16/fp16).",
                     choices=list(DTYPES))
-    attn_implementation: str | None = _f(None, "Attention kernel passed to from_pretrained (e.g. eager, sdpa, "
-                                               "flash_attention_2; default: transformers' choice). SimPO trains "
-                                               "Gemma-2 with eager.")
+    attn_implementation: str | None = _f(None, "Attention kernel for from_pretrained (eager, sdpa, flash_attention_2; "
+                                               "default: transformers' choice; SimPO's Gemma-2: eager).")
     dataset_path: str | None = _f(None, "Annotated training dataset directory (written by 'treg annotate').")
     eval_dataset_path: str | None = _f(None, "Annotated evaluation dataset directory (optional).")
     max_length: int | None = _f(1024, "Max tokens of prompt + response per sequence; longer ones are cut "
@@ -107,9 +106,8 @@ class TRegConfig(TrainingArguments):
     precompute_ref_batch_size: int | None = _f(None, "Pairs per forward of the reference pass (default: a "
                                                      "token budget, 2048 on CPU, 16384 on GPUs).")
     ref_cache_dir: str | None = _f(None, "Reference-pass cache, re-used by reruns (default: output_dir/ref_cache).")
-    logprob_chunk_size: int = _f(512, "Token rows per output-head chunk for log-probs, so the (B, T, V) float32 "
-                                      "logits are never built whole; 0 = the model's full logits (faster on a GPU "
-                                      "when memory allows, see docs/benchmarks.md).")
+    logprob_chunk_size: int = _f(512, "Token rows per output-head chunk: no whole (B, T, V) float32 logits; "
+                                      "0 = full logits (faster on a GPU if memory allows).")
     disable_dropout: bool = _f(True, "Turn dropout off in the policy (as TRL DPOConfig does).")
 
     # -- PEFT / LoRA
@@ -131,9 +129,8 @@ class TRegConfig(TrainingArguments):
     dataset_num_proc: int | None = _f(None, "Processes for tokenizing a TRL-format dataset.")
 
     # -- safety
-    allow_pickle_weights: bool = _f(False, "Load a model directory that has only pickle weights "
-                                           "(pytorch_model.bin), with torch.load(weights_only=True); default: "
-                                           "safetensors only (convert: python -m treg.io.weights DIR).")
+    allow_pickle_weights: bool = _f(False, "Also load pickle-only model dirs (pytorch_model.bin), weights_only=True; "
+                                           "default: safetensors only (convert: python -m treg.io.weights DIR).")
 
     def __post_init__(self):
         if isinstance(self.loss_type, str):  # DPOConfig accepts one name or a list
