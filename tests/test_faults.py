@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from test_bad_inputs import S, SC, files, fill, models  # noqa: E402,F401  (models: the fixture)
+from test_bad_inputs import GE, S, SC, files, fill, models  # noqa: E402,F401  (models: the fixture)
 
 
 @pytest.mark.parametrize("command, limit", [("score", 64), ("score", 1000), ("score", 1600), ("sample", 64),
@@ -47,3 +47,285 @@ def test_score_rerun_after_fixing_a_failing_reward_function(tmp_path, capsys):
     (tmp_path / "fn.py").write_text("def f(prompt, output):\n    return float(len(output))\n")
     assert main(argv) == 0, capsys.readouterr().err
     assert (tmp_path / "pairs" / "treg_meta.json").is_file()
+
+
+# ----------------------------------------------------------------------------- helpers of the fault tests
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+MAIN = "\nfrom treg.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+SLOW_SHARDS = """
+import sys, time
+import treg.io.shards
+_write = treg.io.shards.ShardedWriter.write
+def slow_write(self, i, rows):  # widen the window between shards so that the kill lands mid-run
+    _write(self, i, rows)
+    time.sleep(0.3)
+treg.io.shards.ShardedWriter.write = slow_write
+"""
+
+
+def kill_when(argv: list[str], ready, log: Path, prelude: str = SLOW_SHARDS, timeout: float = 300) -> None:
+    """Run ``treg argv`` in a subprocess (``prelude`` first) and ``kill -9`` it as soon as ``ready()``."""
+    import signal
+    import time
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", prelude + MAIN, *argv], env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=err)
+        try:
+            deadline = time.monotonic() + timeout  # generous: a loaded machine imports slowly
+            while not ready():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the kill point was not reached"
+                time.sleep(0.02)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def table(path: Path) -> list[dict]:
+    import datasets
+    return datasets.load_from_disk(str(path)).to_list()
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def leftovers(root: Path) -> list[Path]:
+    """Temporary files or directories of a failed write (atomic_file / atomic_directory / train's save)."""
+    return [p for p in root.rglob("*") if ".tmp-" in p.name or ".old-" in p.name or p.name == ".final-tmp"]
+
+
+def one_error_line(command: str, err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith(f"treg {command}: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def score_inputs(t: Path, n: int = 8) -> tuple[Path, Path]:
+    """``n`` prompts with three responses of distinct lengths, and a length reward function."""
+    import json
+    t.mkdir(parents=True, exist_ok=True)
+    samples = t / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"prompt": f"Q{i}?", "responses": ["a" * (i % 3 + 1), "bb" * (i + 2), "c"
+                                                                              * (2 * i + 7)]}) + "\n"
+                               for i in range(n)))
+    (t / "fn.py").write_text("def f(prompt, output):\n    return float(len(output))\n")
+    (t / "neg.py").write_text("def f(prompt, output):\n    return -float(len(output)) + 0.5 * (output[0] == 'a')\n")
+    (t / "bad.py").write_text("def f(prompt, output):\n    raise ValueError('broken')\n")
+    return samples, t
+
+
+def score_argv(t: Path, out: Path, fn: str = "fn.py", *extra: str) -> list[str]:
+    return ["score", "--samples", str(t / "samples.jsonl"), "--reward-fn", f"{t / fn}:f", "--output", str(out),
+            "--shard-size", "1", "--no-progress", *extra]
+
+
+# ----------------------------------------------------------------------------- SIGKILL, then rerun
+
+def test_sigkill_score_mid_run_then_rerun_is_identical(tmp_path):
+    """A real ``kill -9`` of ``treg score`` once a shard is on disk; the rerun resumes and equals an
+    uninterrupted run."""
+    from treg.cli import main
+    _, t = score_inputs(tmp_path / "in")
+    out = tmp_path / "killed"
+    kill_when(score_argv(t, out), lambda: any((out / ".shards").glob("shard-*.parquet")), tmp_path / "err.txt")
+    kept = list((out / ".shards").glob("shard-*.parquet"))
+    assert 1 <= len(kept) < 8 and not (out / "treg_meta.json").exists()  # it really died mid-run
+    assert main(score_argv(t, out)) == 0
+    assert main(score_argv(t, tmp_path / "full")) == 0
+    assert table(out) == table(tmp_path / "full") and len(table(out)) == 8
+    assert not (out / ".shards").exists() and not leftovers(tmp_path)
+
+
+SLOW_CHECKPOINT = """
+import sys, time, pathlib
+from treg.stages.trainer import TRegTrainer
+_save = TRegTrainer._save_checkpoint
+def slow_save(self, model, trial):  # say when a checkpoint is complete, then wait to be killed
+    _save(self, model, trial)
+    pathlib.Path(sys.argv[-1]).joinpath("saved-%d" % self.state.global_step).write_text("")
+    time.sleep(30)
+TRegTrainer._save_checkpoint = slow_save
+sys.argv = sys.argv[:-1]
+"""
+
+
+@pytest.fixture(scope="module")
+def train_inputs(tmp_path_factory):
+    """A tiny llama3-style model and 8 annotated pairs for it."""
+    from test_data import write_pairs
+    from tiny import save_tiny_model
+    from transformers import AutoTokenizer
+    root = tmp_path_factory.mktemp("train")
+    save_tiny_model(root / "model", "llama3")
+    write_pairs(root / "ann", AutoTokenizer.from_pretrained(root / "model"), n=8)
+    return root
+
+
+def train_yaml(t: Path, inputs: Path, out: Path, **extra) -> str:
+    lines = [f"model_name_or_path: {inputs / 'model'}", f"dataset_path: {inputs / 'ann'}", f"output_dir: {out}",
+             "max_steps: 4", "per_device_train_batch_size: 2", "use_cpu: true", "save_strategy: steps",
+             "save_steps: 2", "disable_tqdm: true", "alpha: 0.25", "torch_dtype: float32", "seed: 5"]
+    lines += [f"{k}: {v}" for k, v in extra.items()]
+    path = t / f"{out.name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_sigkill_train_after_a_checkpoint_then_resume_gives_the_same_weights(tmp_path, train_inputs, capsys):
+    """``kill -9`` of ``treg train`` once checkpoint-2 of 4 steps is complete; rerun with
+    --resume_from_checkpoint -> the same final weights as an uninterrupted run, and the summary line
+    describes the whole run (its mean loss over steps 1-4 equals the uninterrupted run's)."""
+    import re
+
+    import torch
+    from safetensors.torch import load_file
+    from treg.cli import main
+    out = tmp_path / "killed"
+    argv = ["train", "--config", train_yaml(tmp_path, train_inputs, out)]
+    kill_when(argv + [str(tmp_path)], lambda: (tmp_path / "saved-2").exists(), tmp_path / "err.txt",
+              prelude=SLOW_CHECKPOINT)
+    assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-4").exists()
+    assert not (out / "model.safetensors").exists()  # killed before the end
+    capsys.readouterr()
+    assert main(argv + ["--resume_from_checkpoint", str(out / "checkpoint-2")]) == 0
+    resumed_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["train", "--config", train_yaml(tmp_path, train_inputs, tmp_path / "straight")]) == 0
+    straight_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "4 steps on 8 pairs" in resumed_line and "resumed at step 2" in resumed_line, resumed_line
+    whole = re.search(r"mean loss ([\d.]+) over steps 1-4", resumed_line)
+    straight = re.search(r"4 steps on 8 pairs .* mean loss ([\d.]+),", straight_line)
+    assert whole and straight, (resumed_line, straight_line)
+    assert abs(float(whole.group(1)) - float(straight.group(1))) < 1e-3, (resumed_line, straight_line)
+    a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == torch.float32
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+    start = load_file(train_inputs / "model" / "model.safetensors")
+    assert any(not torch.allclose(a[k], start[k]) for k in a)  # the weights did train
+    assert not leftovers(tmp_path)
+
+
+# ----------------------------------------------------------------------------- --overwrite keeps the old output
+
+def test_overwrite_killed_or_failing_keeps_the_old_output(tmp_path, capsys):
+    """``treg score --overwrite`` with another reward function, SIGKILLed mid-way: the old output is
+    byte-identical; the rerun completes and swaps the new one in. A failing --overwrite run (the reward
+    function raises) leaves the output untouched too."""
+    from treg.cli import main
+    _, t = score_inputs(tmp_path / "in")
+    out, staging = tmp_path / "pairs", tmp_path / ".pairs.overwrite"
+    assert main(score_argv(t, out)) == 0
+    old, old_table = snapshot(out), table(out)
+    new_argv = score_argv(t, out, "neg.py", "--overwrite")
+    kill_when(new_argv, lambda: any(staging.glob("shard-*.parquet")), tmp_path / "err.txt")
+    assert snapshot(out) == old and 1 <= len(list(staging.glob("shard-*.parquet"))) < 8
+    assert main(new_argv) == 0                                      # resumes the staged run, then swaps
+    assert main(score_argv(t, tmp_path / "fresh", "neg.py")) == 0   # the new settings, uninterrupted
+    assert table(out) == table(tmp_path / "fresh") != old_table
+    assert not staging.exists() and not leftovers(tmp_path)
+    capsys.readouterr()
+    new = snapshot(out)
+    assert main(score_argv(t, out, "bad.py", "--overwrite")) == 2
+    assert "the reward function raised ValueError: broken" in one_error_line("score", capsys.readouterr().err)
+    assert snapshot(out) == new and not leftovers(tmp_path)
+
+
+# ----------------------------------------------------------------------------- RLIMIT_FSIZE at the final write
+
+@pytest.fixture
+def size_limit(monkeypatch):
+    """``size_limit(owner, name, when=...)``: while ``owner.name`` runs (and ``when(*args)`` holds), the
+    process's file-size limit (RLIMIT_FSIZE, the soft one) is 64 bytes; Python ignores SIGXFSZ, so a
+    write past it fails with EFBIG as in a shell after ``ulimit -f``."""
+    import resource
+
+    def install(owner, name, when=lambda *a: True):
+        real = getattr(owner, name)
+
+        def limited(*args, **kwargs):
+            if not when(*args):
+                return real(*args, **kwargs)
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))
+            try:
+                return real(*args, **kwargs)
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        monkeypatch.setattr(owner, name, limited)
+    return install
+
+
+AN_ARGV = "annotate --model {model} --dataset {t}/pairs.jsonl --output {t}/ann --no-progress --shard-size 1"
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory, models):
+    """A finished ``treg annotate`` output of the tiny model (the pre-existing output of the tests)."""
+    from treg.cli import main
+    t = tmp_path_factory.mktemp("annotated")
+    (t / "pairs.jsonl").write_text(files(t)["pairs.jsonl"] * 2)
+    assert main(fill(AN_ARGV, t, models).split()) == 0
+    return t
+
+
+def test_file_size_limit_at_annotates_final_write_keeps_the_old_output(tmp_path, models, annotated, size_limit,
+                                                                     capsys):
+    """--overwrite with another beta, the limit reached while the merged dataset is written: one line, exit
+    2, no temp dir, the old output byte-identical; the rerun (no limit) swaps the new output in."""
+    import shutil
+
+    from treg.cli import main
+    from treg.io.shards import ShardedWriter
+    shutil.copytree(annotated, tmp_path, dirs_exist_ok=True)
+    old = snapshot(tmp_path / "ann")
+    argv = fill(AN_ARGV, tmp_path, models).split() + ["--beta", "0.2", "--overwrite"]
+    armed = [True]
+    size_limit(ShardedWriter, "_merge", when=lambda *a: armed[0])
+    capsys.readouterr()
+    assert main(argv) == 2
+    line = one_error_line("annotate", capsys.readouterr().err)
+    assert "file too large" in line and str(tmp_path) in line, line
+    assert snapshot(tmp_path / "ann") == old and not leftovers(tmp_path)
+    armed[0] = False
+    assert main(argv) == 0 and snapshot(tmp_path / "ann") != old
+    assert not (tmp_path / ".ann.overwrite").exists()
+
+
+@pytest.mark.parametrize("failing", ["out.jsonl", "out.jsonl.treg_meta.json"])
+def test_file_size_limit_at_generates_final_writes_keeps_the_old_output(tmp_path, models, size_limit, capsys,
+                                                                      failing):
+    """The limit reached while writing the outputs file, or its meta file after it: the pre-existing pair
+    (outputs + meta) stays byte-identical."""
+    from treg.cli import main
+    t = tmp_path
+    for name, content in files(t).items():
+        (t / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    (t / "out.jsonl.treg_meta.json").write_text('{"old": true}\n')
+    before = snapshot(t)
+    size_limit(Path, "write_text", when=lambda p, *a: p.name.startswith(f".{failing}.tmp-"))
+    capsys.readouterr()
+    assert main(fill(GE, t, models).split() + ["--max-new-tokens", "4"]) == 2
+    line = one_error_line("generate", capsys.readouterr().err)
+    assert "file too large" in line and str(t) in line, line
+    assert snapshot(t) == before and not leftovers(t)
+
+
+def test_file_size_limit_at_shows_html_keeps_the_old_page(tmp_path, models, annotated, size_limit, capsys):
+    from treg.cli import main
+    page = tmp_path / "page.html"
+    page.write_text("<p>old</p>\n")
+    before = snapshot(tmp_path)
+    size_limit(Path, "write_text", when=lambda p, *a: p.name.startswith(".page.html.tmp-"))
+    capsys.readouterr()
+    assert main(["show", str(annotated / "ann"), "--html", str(page)]) == 2
+    line = one_error_line("show", capsys.readouterr().err)
+    assert "file too large" in line and str(tmp_path) in line, line
+    assert snapshot(tmp_path) == before

@@ -25,6 +25,18 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An ``OSError`` that names no file (pyarrow's ``[Errno 27] File too large`` while a dataset is saved)
+    is raised again naming ``path``, the output being written, so that the one-line error says where."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from err
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` (parents are created)."""
     path = Path(path)
@@ -32,7 +44,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     os.close(fd)
     try:
-        yield Path(tmp)
+        with _naming(path):
+            yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
@@ -54,7 +67,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        yield tmp
+        with _naming(path):
+            yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         old = path.parent / f".{path.name}.old-{time.time_ns()}"
         if path.exists():
