@@ -128,16 +128,30 @@ def score_argv(t: Path, out: Path, fn: str = "fn.py", *extra: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- SIGKILL, then rerun
 
-def test_sigkill_score_mid_run_then_rerun_is_identical(tmp_path):
-    """A real ``kill -9`` of ``treg score`` once a shard is on disk; the rerun resumes and equals an
-    uninterrupted run."""
+def shard_indices(shard_dir: Path) -> set[int]:
+    return {int(p.stem.split("-")[1]) for p in shard_dir.glob("shard-*.parquet")}
+
+
+@pytest.fixture
+def written(monkeypatch) -> list[int]:
+    """The shard indices this process writes from now on (to see that a rerun resumes)."""
+    from treg.io.shards import ShardedWriter
+    done, real = [], ShardedWriter.write
+    monkeypatch.setattr(ShardedWriter, "write", lambda self, i, rows: (done.append(i), real(self, i, rows))[1])
+    return done
+
+
+def test_sigkill_score_mid_run_then_rerun_is_identical(tmp_path, written):
+    """A real ``kill -9`` of ``treg score`` once a shard is on disk; the rerun resumes (writes only the
+    missing shards) and equals an uninterrupted run."""
     from treg.cli import main
     _, t = score_inputs(tmp_path / "in")
     out = tmp_path / "killed"
     kill_when(score_argv(t, out), lambda: any((out / ".shards").glob("shard-*.parquet")), tmp_path / "err.txt")
-    kept = list((out / ".shards").glob("shard-*.parquet"))
+    kept = shard_indices(out / ".shards")
     assert 1 <= len(kept) < 8 and not (out / "treg_meta.json").exists()  # it really died mid-run
     assert main(score_argv(t, out)) == 0
+    assert not kept & set(written) and kept | set(written) == set(range(8))
     assert main(score_argv(t, tmp_path / "full")) == 0
     assert table(out) == table(tmp_path / "full") and len(table(out)) == 8
     assert not (out / ".shards").exists() and not leftovers(tmp_path)
@@ -146,13 +160,13 @@ def test_sigkill_score_mid_run_then_rerun_is_identical(tmp_path):
 SLOW_CHECKPOINT = """
 import sys, time, pathlib
 from treg.stages.trainer import TRegTrainer
+SAY = pathlib.Path(sys.argv.pop())  # where to say it
 _save = TRegTrainer._save_checkpoint
 def slow_save(self, model, trial):  # say when a checkpoint is complete, then wait to be killed
     _save(self, model, trial)
-    pathlib.Path(sys.argv[-1]).joinpath("saved-%d" % self.state.global_step).write_text("")
+    SAY.joinpath("saved-%d" % self.state.global_step).write_text("")
     time.sleep(30)
 TRegTrainer._save_checkpoint = slow_save
-sys.argv = sys.argv[:-1]
 """
 
 
@@ -171,7 +185,7 @@ def train_inputs(tmp_path_factory):
 def train_yaml(t: Path, inputs: Path, out: Path, **extra) -> str:
     lines = [f"model_name_or_path: {inputs / 'model'}", f"dataset_path: {inputs / 'ann'}", f"output_dir: {out}",
              "max_steps: 4", "per_device_train_batch_size: 2", "use_cpu: true", "save_strategy: steps",
-             "save_steps: 2", "disable_tqdm: true", "alpha: 0.25", "torch_dtype: float32", "seed: 5"]
+             "save_steps: 2", "disable_tqdm: true", "alpha: 0.25", "seed: 5", "dtype: float32"]
     lines += [f"{k}: {v}" for k, v in extra.items()]
     path = t / f"{out.name}.yaml"
     path.write_text("\n".join(lines) + "\n")
@@ -215,7 +229,7 @@ def test_sigkill_train_after_a_checkpoint_then_resume_gives_the_same_weights(tmp
 
 # ----------------------------------------------------------------------------- --overwrite keeps the old output
 
-def test_overwrite_killed_or_failing_keeps_the_old_output(tmp_path, capsys):
+def test_overwrite_killed_or_failing_keeps_the_old_output(tmp_path, capsys, written):
     """``treg score --overwrite`` with another reward function, SIGKILLed mid-way: the old output is
     byte-identical; the rerun completes and swaps the new one in. A failing --overwrite run (the reward
     function raises) leaves the output untouched too."""
@@ -226,8 +240,11 @@ def test_overwrite_killed_or_failing_keeps_the_old_output(tmp_path, capsys):
     old, old_table = snapshot(out), table(out)
     new_argv = score_argv(t, out, "neg.py", "--overwrite")
     kill_when(new_argv, lambda: any(staging.glob("shard-*.parquet")), tmp_path / "err.txt")
-    assert snapshot(out) == old and 1 <= len(list(staging.glob("shard-*.parquet"))) < 8
+    kept = shard_indices(staging)
+    assert snapshot(out) == old and 1 <= len(kept) < 8
+    written.clear()
     assert main(new_argv) == 0                                      # resumes the staged run, then swaps
+    assert not kept & set(written) and kept | set(written) == set(range(8))
     assert main(score_argv(t, tmp_path / "fresh", "neg.py")) == 0   # the new settings, uninterrupted
     assert table(out) == table(tmp_path / "fresh") != old_table
     assert not staging.exists() and not leftovers(tmp_path)
