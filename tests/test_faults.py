@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from test_bad_inputs import GE, S, SC, files, fill, models  # noqa: E402,F401  (models: the fixture)
+from test_bad_inputs import EV, GE, S, SC, files, fill, models  # noqa: E402,F401  (models: the fixture)
 
 
 @pytest.mark.parametrize("command, limit", [("score", 64), ("score", 1000), ("score", 1600), ("sample", 64),
@@ -346,3 +346,66 @@ def test_file_size_limit_at_shows_html_keeps_the_old_page(tmp_path, models, anno
     line = one_error_line("show", capsys.readouterr().err)
     assert "file too large" in line and str(tmp_path) in line, line
     assert snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- a real read-only directory
+
+NO_OVERRIDE = ["--bounding-set", "-dac_override,-dac_read_search,-fowner,-chown"]
+
+
+def read_only_dir(path: Path) -> list[str]:
+    """Make ``path`` a directory this test's subprocesses cannot write, for real; return the command prefix
+    that runs them so. An ordinary user: mode 0555. Root ignores modes, and ``nobody`` cannot run this
+    Python (it lives under /root, mode 0700), so the directory is given to ``nobody`` (mode 0755) and the
+    command runs as root without the capabilities that bypass permission bits (``setpriv``): the kernel then
+    refuses the writes as it would any other user's."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return []
+    import shutil
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: no way to make a directory read-only for the command")
+    for p in [path, *path.rglob("*")]:
+        os.chown(p, 65534, 65534, follow_symlinks=False)
+    probe = subprocess.run([setpriv, *NO_OVERRIDE, sys.executable, "-c", f"open({str(path / 'probe')!r}, 'w')"],
+                           capture_output=True, text=True)
+    if probe.returncode == 0 or "PermissionError" not in probe.stderr:
+        (path / "probe").unlink(missing_ok=True)
+        pytest.skip(f"cannot drop root's permission override here (setpriv: {probe.stderr.strip()[-200:]})")
+    return [setpriv, *NO_OVERRIDE]
+
+
+def run_in_read_only(prefix: list[str], argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, sys.executable, "-c", "import sys" + MAIN, *argv], capture_output=True,
+                          text=True, timeout=600, env=ENV)
+
+
+@pytest.mark.parametrize("command", ["eval", "sample", "annotate", "train"])
+def test_read_only_output_directory(tmp_path, models, annotated, train_inputs, command):
+    """The output (or, with --overwrite, the old output's) directory is read-only: one line naming the path,
+    exit 2, no traceback, the directory and a pre-existing output in it byte-identical."""
+    import shutil
+    t, ro = tmp_path, tmp_path / "ro"
+    for name, content in files(t).items():
+        (t / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    ro.mkdir()
+    (ro / "report.json").write_text("OLD REPORT\n")
+    if command == "annotate":  # a finished output; --overwrite with another beta stages beside it
+        shutil.copytree(annotated / "ann", ro / "ann")
+    argv = {
+        "eval": fill(EV, t, models).replace(f"{t}/report.json", f"{ro}/report.json") + " --bootstrap 50",
+        "sample": fill(S, t, models).replace(f"{t}/samples", f"{ro}/samples") + " --max-new-tokens 4 --n 2",
+        "annotate": fill(AN_ARGV, t, models).replace(f"{t}/ann", f"{ro}/ann") + " --beta 0.2 --overwrite",
+        "train": "train --config " + train_yaml(t, train_inputs, ro / "out", max_steps=1, save_strategy="'no'"),
+    }[command].split()
+    prefix = read_only_dir(ro)
+    before = snapshot(ro)
+    proc = run_in_read_only(prefix, argv)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_error_line(command, proc.stderr)
+    assert f"error: {ro}" in line and line.endswith("Permission denied"), line
+    if command == "eval":  # the report, not the temporary name it would have been written under
+        assert line == f"treg eval: error: {ro}/report.json: Permission denied"
+    assert snapshot(ro) == before and not leftovers(t)

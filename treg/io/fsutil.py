@@ -25,13 +25,14 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """An ``OSError`` that names no file (pyarrow's ``[Errno 27] File too large`` while a dataset is saved)
-    is raised again naming ``path``, the output being written, so that the one-line error says where."""
+def _naming(path: Path, always: bool = False) -> Iterator[None]:
+    """An ``OSError`` that names no file (pyarrow's ``[Errno 27] File too large`` while a dataset is saved;
+    with ``always``, any) is raised again naming ``path``, the output being written, so that the one-line
+    error says where."""
     try:
         yield
     except OSError as err:
-        if err.filename is not None or err.errno is None:
+        if (err.filename is not None and not always) or err.errno is None:
             raise
         raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from err
 
@@ -41,7 +42,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` (parents are created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    with _naming(path, always=True):  # a read-only directory: name the output, not the temporary name
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     os.close(fd)
     try:
         with _naming(path):
@@ -65,7 +67,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     directory there is moved aside first and removed after the rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    with _naming(path, always=True):
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         with _naming(path):
             yield tmp
