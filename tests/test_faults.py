@@ -1,7 +1,14 @@
-"""Faults (issue 13): a file-size limit (RLIMIT_FSIZE) reached by the settings, a shard or the final write of
-the sharded stages. Each run is a subprocess (the limit is per process); the other faults (read-only
-directory, the file-size limit on eval's report) are in tests/test_bad_inputs.py, train's in
-tests/test_train_cli.py."""
+"""Faults (issue 13), each ending in one ``treg <cmd>: error:`` line or a rerun identical to an uninterrupted
+run:
+
+* a file-size limit (RLIMIT_FSIZE) reached by the settings, a shard or the final write of sample/score (a
+  subprocess: the limit is per process), and at the final write of annotate, generate (outputs or meta)
+  and show (in-process, the limit set only while that write runs); eval's is in tests/test_bad_inputs.py,
+  train's in tests/test_train_cli.py;
+* ``kill -9`` of score mid-run and of train after a checkpoint, then the rerun (annotate's and sample's are in
+  tests/test_annotate.py and tests/test_sample.py);
+* ``--overwrite`` killed mid-way or failing: the old output stays byte-identical;
+* a real read-only output directory (eval, sample, annotate, train)."""
 
 from __future__ import annotations
 
