@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from test_bad_inputs import EV, GE, S, SC, files, fill, models  # noqa: E402,F401  (models: the fixture)
+from test_bad_inputs import EV, GE, S, SC, files, fill, models, snapshot  # noqa: E402,F401  (models: the fixture)
 
 
 @pytest.mark.parametrize("command, limit", [("score", 64), ("score", 1000), ("score", 1600), ("sample", 64),
@@ -99,10 +99,6 @@ def table(path: Path) -> list[dict]:
     return datasets.load_from_disk(str(path)).to_list()
 
 
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
-
-
 def leftovers(root: Path) -> list[Path]:
     """Temporary files or directories of a failed write (atomic_file / atomic_directory / train's save)."""
     return [p for p in root.rglob("*") if ".tmp-" in p.name or ".old-" in p.name or p.name == ".final-tmp"]
@@ -114,18 +110,17 @@ def one_error_line(command: str, err: str) -> str:
     return lines[0]
 
 
-def score_inputs(t: Path, n: int = 8) -> tuple[Path, Path]:
-    """``n`` prompts with three responses of distinct lengths, and a length reward function."""
+def score_inputs(t: Path, n: int = 8) -> Path:
+    """``n`` prompts with three responses of distinct lengths, a length reward function, its opposite and
+    one that raises."""
     import json
     t.mkdir(parents=True, exist_ok=True)
-    samples = t / "samples.jsonl"
-    samples.write_text("".join(json.dumps({"prompt": f"Q{i}?", "responses": ["a" * (i % 3 + 1), "bb" * (i + 2), "c"
-                                                                              * (2 * i + 7)]}) + "\n"
-                               for i in range(n)))
+    rows = [{"prompt": f"Q{i}?", "responses": ["a" * (i % 3 + 1), "bb" * (i + 2), "c" * (2 * i + 7)]} for i in range(n)]
+    (t / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (t / "fn.py").write_text("def f(prompt, output):\n    return float(len(output))\n")
     (t / "neg.py").write_text("def f(prompt, output):\n    return -float(len(output)) + 0.5 * (output[0] == 'a')\n")
     (t / "bad.py").write_text("def f(prompt, output):\n    raise ValueError('broken')\n")
-    return samples, t
+    return t
 
 
 def score_argv(t: Path, out: Path, fn: str = "fn.py", *extra: str) -> list[str]:
@@ -152,7 +147,7 @@ def test_sigkill_score_mid_run_then_rerun_is_identical(tmp_path, written):
     """A real ``kill -9`` of ``treg score`` once a shard is on disk; the rerun resumes (writes only the
     missing shards) and equals an uninterrupted run."""
     from treg.cli import main
-    _, t = score_inputs(tmp_path / "in")
+    t = score_inputs(tmp_path / "in")
     out = tmp_path / "killed"
     kill_when(score_argv(t, out), lambda: any((out / ".shards").glob("shard-*.parquet")), tmp_path / "err.txt")
     kept = shard_indices(out / ".shards")
@@ -246,7 +241,7 @@ def test_overwrite_killed_or_failing_keeps_the_old_output(tmp_path, capsys, writ
     byte-identical; the rerun completes and swaps the new one in. A failing --overwrite run (the reward
     function raises) leaves the output untouched too."""
     from treg.cli import main
-    _, t = score_inputs(tmp_path / "in")
+    t = score_inputs(tmp_path / "in")
     out, staging = tmp_path / "pairs", tmp_path / ".pairs.overwrite"
     assert main(score_argv(t, out)) == 0
     old, old_table = snapshot(out), table(out)
