@@ -143,15 +143,32 @@ def written(monkeypatch) -> list[int]:
     return done
 
 
-def test_sigkill_score_mid_run_then_rerun_is_identical(tmp_path, written):
-    """A real ``kill -9`` of ``treg score`` once a shard is on disk; the rerun resumes (writes only the
-    missing shards) and equals an uninterrupted run."""
+SLOW_FINAL = """
+import sys, time
+import datasets
+_save = datasets.Dataset.save_to_disk
+def slow_save(self, path, *args, **kwargs):  # the final dataset is in its temporary directory: wait there
+    _save(self, path, *args, **kwargs)
+    time.sleep(30)
+datasets.Dataset.save_to_disk = slow_save
+"""
+
+
+@pytest.mark.parametrize("point", ["after a shard", "in the final write"])
+def test_sigkill_score_mid_run_then_rerun_is_identical(tmp_path, written, point):
+    """A real ``kill -9`` of ``treg score`` once a shard is on disk, or while the final dataset is being
+    written; the rerun resumes (writes only the missing shards) and equals an uninterrupted run."""
     from treg.cli import main
     t = score_inputs(tmp_path / "in")
     out = tmp_path / "killed"
-    kill_when(score_argv(t, out), lambda: any((out / ".shards").glob("shard-*.parquet")), tmp_path / "err.txt")
+    if point == "after a shard":
+        kill_when(score_argv(t, out), lambda: any((out / ".shards").glob("shard-*.parquet")), tmp_path / "err.txt")
+    else:
+        kill_when(score_argv(t, out), lambda: any(tmp_path.glob(".killed.tmp-*/state.json")), tmp_path / "err.txt",
+                  prelude=SLOW_FINAL)
+        assert list(tmp_path.glob(".killed.tmp-*"))  # killed with the temporary final directory in place
     kept = shard_indices(out / ".shards")
-    assert 1 <= len(kept) < 8 and not (out / "treg_meta.json").exists()  # it really died mid-run
+    assert 1 <= len(kept) <= 8 and not (out / "treg_meta.json").exists()  # it really died mid-run
     assert main(score_argv(t, out)) == 0
     assert not kept & set(written) and kept | set(written) == set(range(8))
     assert main(score_argv(t, tmp_path / "full")) == 0
