@@ -406,7 +406,7 @@ def run_in_read_only(prefix: list[str], argv: list[str]) -> subprocess.Completed
                           text=True, timeout=600, env=ENV)
 
 
-@pytest.mark.parametrize("command", ["eval", "sample", "annotate", "train"])
+@pytest.mark.parametrize("command", ["eval", "sample", "annotate", "train", "train-into"])
 def test_read_only_output_directory(tmp_path, models, annotated, train_inputs, command):
     """The output (or, with --overwrite, the old output's) directory is read-only: one line naming the path,
     exit 2, no traceback, the directory and a pre-existing output in it byte-identical."""
@@ -423,7 +423,9 @@ def test_read_only_output_directory(tmp_path, models, annotated, train_inputs, c
         "sample": fill(S, t, models).replace(f"{t}/samples", f"{ro}/samples") + " --max-new-tokens 4 --n 2",
         "annotate": fill(AN_ARGV, t, models).replace(f"{t}/ann", f"{ro}/ann") + " --beta 0.2 --overwrite",
         "train": "train --config " + train_yaml(t, train_inputs, ro / "out", max_steps=1, save_strategy="'no'"),
+        "train-into": "train --config " + train_yaml(t, train_inputs, ro, max_steps=1, save_strategy="'no'"),
     }[command].split()
+    command = command.split("-")[0]
     prefix = read_only_dir(ro)
     before = snapshot(ro)
     proc = run_in_read_only(prefix, argv)
@@ -432,4 +434,6 @@ def test_read_only_output_directory(tmp_path, models, annotated, train_inputs, c
     assert f"error: {ro}" in line and line.endswith("Permission denied"), line
     if command == "eval":  # the report, not the temporary name it would have been written under
         assert line == f"treg eval: error: {ro}/report.json: Permission denied"
+    if command == "train":  # refused before the training, not after it
+        assert "train_runtime" not in proc.stdout + proc.stderr, proc.stdout[-2000:]
     assert snapshot(ro) == before and not leftovers(t)

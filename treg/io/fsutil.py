@@ -83,6 +83,18 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_writable(directory: str | os.PathLike) -> None:
+    """Fail now, not at the end of hours of work, when ``directory`` (or, while it does not exist yet, the
+    nearest existing directory it would be created in) refuses new files: a temporary file is created
+    there and removed. The ``OSError`` names ``directory``."""
+    found = Path(directory).expanduser().absolute()
+    while not found.exists() and found.parent != found:
+        found = found.parent
+    if found.is_dir():  # a regular file in the way is reported where the directory is made
+        with _naming(Path(directory), always=True), tempfile.TemporaryFile(dir=found):
+            pass
+
+
 def check_local_path(path: str, field: str | None = None, *, what: str = "file or directory") -> None:
     """A missing path that cannot be a hub id (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x.jsonl``) is a
     one-line error at once, instead of minutes of hub retries that end in a long message."""
