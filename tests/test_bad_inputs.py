@@ -250,26 +250,7 @@ def test_corpus_size_and_coverage():
 
 
 # ----------------------------------------------------------------------------- OS faults
-
-def test_permission_error_is_one_line_and_keeps_the_old_report(tmp_path, capsys, monkeypatch):
-    """A write that the OS refuses (read-only directory; simulated: the tests may run as root)."""
-    for name, content in files(tmp_path).items():
-        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
-    real_replace = os.replace
-
-    def refuse(src, dst, *a, **k):
-        if str(dst).endswith("report.json"):
-            raise PermissionError(13, "Permission denied", str(dst))
-        return real_replace(src, dst, *a, **k)
-
-    monkeypatch.setattr(os, "replace", refuse)
-    before = snapshot(tmp_path)
-    rc, err = run_case(fill(EV, tmp_path, {}).split() + ["--bootstrap", "50"], capsys)
-    assert rc == 2 and "Traceback" not in err
-    assert [line for line in err.splitlines() if line.startswith("treg eval: error:")] == [
-        f"treg eval: error: {tmp_path}/report.json: Permission denied"]
-    assert snapshot(tmp_path) == before  # the temporary file is gone, the old report untouched
-
+# (a real read-only output directory, for eval, sample, annotate and train: tests/test_faults.py)
 
 def test_file_size_limit_during_the_final_write(tmp_path):
     """RLIMIT_FSIZE reached while writing the report: one line naming the cause, no temp file left."""

@@ -73,6 +73,8 @@ def main(argv: list[str]) -> int:
         print(render(config_parser("treg train"), full="--help-all" in argv), end="")
         return 0
     config = parse_config(argv, prog="treg train", require=REQUIRED)
+    from treg.io.fsutil import check_writable
+    check_writable(config.output_dir)  # a read-only output_dir: one line now, not after the training
     from treg.io.loading import allow_pickle_weights
     allow_pickle_weights(config.allow_pickle_weights)
     from treg.io.data import load_annotated, truncate_pairs

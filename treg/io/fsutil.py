@@ -25,14 +25,29 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
+def _naming(path: Path, always: bool = False) -> Iterator[None]:
+    """An ``OSError`` that names no file (pyarrow's ``[Errno 27] File too large`` while a dataset is saved;
+    with ``always``, any) is raised again naming ``path``, the output being written, so that the one-line
+    error says where."""
+    try:
+        yield
+    except OSError as err:
+        if (err.filename is not None and not always) or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from err
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` (parents are created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    with _naming(path, always=True):  # a read-only directory: name the output, not the temporary name
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     os.close(fd)
     try:
-        yield Path(tmp)
+        with _naming(path):
+            yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
@@ -52,9 +67,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     directory there is moved aside first and removed after the rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    with _naming(path, always=True):
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        yield tmp
+        with _naming(path):
+            yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         old = path.parent / f".{path.name}.old-{time.time_ns()}"
         if path.exists():
@@ -64,6 +81,18 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Fail now, not at the end of hours of work, when ``directory`` (or, while it does not exist yet, the
+    nearest existing directory it would be created in) refuses new files: a temporary file is created
+    there and removed. The ``OSError`` names ``directory``."""
+    found = Path(directory).expanduser().absolute()
+    while not found.exists() and found.parent != found:
+        found = found.parent
+    if found.is_dir():  # a regular file in the way is reported where the directory is made
+        with _naming(Path(directory), always=True), tempfile.TemporaryFile(dir=found):
+            pass
 
 
 def check_local_path(path: str, field: str | None = None, *, what: str = "file or directory") -> None:

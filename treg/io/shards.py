@@ -265,7 +265,12 @@ class ShardedWriter:
 
     def _merge(self, meta) -> None:
         dataset = self.load_shards()
-        meta = {**(meta(dataset) if callable(meta) else meta), "fingerprint": self.fingerprint}
+        self.save_final(dataset, meta(dataset) if callable(meta) else meta)
+
+    def save_final(self, dataset, meta: dict) -> None:
+        """Swap ``dataset`` + ``meta`` (``fingerprint`` added) in as ``OUT`` (rank 0): what ``finalize`` does
+        with the merged shards, for a stage whose output is made from them (score's pairs)."""
+        meta = {**meta, "fingerprint": self.fingerprint}
         with atomic_directory(self.out) as tmp:  # a crash between its two renames is repaired by _prepare
             dataset.save_to_disk(str(tmp))
             write_meta(tmp, meta)

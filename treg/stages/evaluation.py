@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from treg.errors import TregError
-from treg.io.fsutil import atomic_write_text, read_text_strict
+from treg.io.fsutil import atomic_file, read_text_strict
 from treg.io.formats import OUTPUT_FORMATS, format_records, prompt_text  # noqa: F401  (format_records: API)
 from treg.io.meta import stable_hash
 
@@ -29,11 +29,14 @@ FORMATS = tuple(OUTPUT_FORMATS)
 # --------------------------------------------------------------------------- writing
 
 def write_outputs(records: Sequence[dict], path: str, fmt: str, generator: str, meta: dict) -> None:
-    """Write a benchmark file atomically, plus ``<path>.treg_meta.json`` (meta incl. fingerprint)."""
-    atomic_write_text(path, format_records(records, fmt, generator))
+    """Write a benchmark file atomically, plus ``<path>.treg_meta.json`` (meta incl. fingerprint): both are
+    written in full before either is renamed into place, so a failed write (a full disk, a file-size limit)
+    leaves the old pair as it was."""
     from treg import __version__
-    atomic_write_text(f"{path}.treg_meta.json",
-                       json.dumps({"treg_version": __version__, **meta}, indent=2, sort_keys=True, default=str))
+    with atomic_file(path) as out_tmp, atomic_file(f"{path}.treg_meta.json") as meta_tmp:
+        out_tmp.write_text(format_records(records, fmt, generator), encoding="utf-8")
+        meta_tmp.write_text(json.dumps({"treg_version": __version__, **meta}, indent=2, sort_keys=True, default=str),
+                            encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- reading

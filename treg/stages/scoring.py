@@ -358,7 +358,6 @@ def score(samples: str, output: str, *, reward_model: str | None = None, reward_
     rank 0 then writes the pairs dataset atomically. Returns ``(meta, stats)``."""
     import datasets
     from accelerate import PartialState
-    from treg.io.meta import save_dataset_atomic
     from treg.io.shards import ShardedWriter
     if min_margin < 0:
         raise TregError("--min-margin must be >= 0", field="min_margin")
@@ -398,6 +397,6 @@ def score(samples: str, output: str, *, reward_model: str | None = None, reward_
             raise TregError(f"no pairs kept: {stats.dropped_tie} tied, {stats.dropped_margin} below "
                             f"--min-margin {min_margin} (of {stats.prompts} prompts)", file=samples)
         meta.update(stats.as_dict())
-        save_dataset_atomic(datasets.Dataset.from_list(pairs), output, meta)
+        writer.save_final(datasets.Dataset.from_list(pairs), meta)  # (drops an --overwrite run's staging)
     state.wait_for_everyone()
     return meta, stats
