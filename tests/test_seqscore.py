@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from treg.method import seqscore
-from treg.method.seqscore import Progress, plan_batches, plan_groups, prefix_groups, score_sequences
+from treg.method.seqscore import Progress, context_groups, plan_batches, plan_groups, score_sequences
 
 
 def _llama(kv_heads=2, seed=0, max_position_embeddings=256, **extra):
@@ -63,39 +63,7 @@ def test_sharing_only_where_it_pays():
     stats = Progress()
     score_sequences(model, long_resp, batch_tokens=500, pad_id=0, progress=stats)
     assert stats.computed_tokens == stats.real_tokens
-
-
-def test_prefix_groups_by_hand():
-    # identical contexts group on all but their last token; a lone context is left out
-    assert prefix_groups([([1, 2], [3]), ([4], [5]), ([1, 2], [6])], 100) == [(1, [0, 2])]
-    # contexts that differ only at the end (revision drafts) group on what they share
-    seqs = [([7, 8, 9, 1], [3]), ([7, 8, 9, 2, 2], [4]), ([7, 8, 9, 3], [5]), ([5, 5], [6])]
-    assert prefix_groups(seqs, 100) == [(3, [0, 1, 2])]
-    # a third member that would shrink the saving starts a group of its own
-    seqs = [([1, 2, 3, 4, 5, 6], [9]), ([1, 2, 3, 4, 5, 6], [8]), ([1, 7, 7], [9]), ([1, 7, 7], [8])]
-    assert prefix_groups(seqs, 100) == [(5, [0, 1]), (2, [2, 3])]
-    # the members' continuations must fit the budget: none grouped when two do not
-    assert prefix_groups([([1, 2, 3], [4] * 10), ([1, 2, 3], [5] * 10)], 15) == []
-
-
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_shared_prefixes_of_different_lengths_match_one_forward_per_sequence(kv_heads):
-    """Revision-like contexts: a prompt-specific prefix, then a per-response tail (the draft), then the
-    response; several prompts share a shorter system-prompt-like prefix."""
-    rng = random.Random(7)
-    system = [rng.randrange(1, 97) for _ in range(6)]
-    seqs = []
-    for _ in range(5):
-        query = system + [rng.randrange(1, 97) for _ in range(rng.randint(1, 15))]
-        for _ in range(3):
-            draft = [rng.randrange(1, 97) for _ in range(rng.randint(1, 8))]
-            seqs.append((query + draft, [rng.randrange(1, 97) for _ in range(rng.randint(1, 10))]))
-    rng.shuffle(seqs)
-    model, stats = _llama(kv_heads, seed=11), Progress()
-    out = score_sequences(model, seqs, batch_tokens=150, pad_id=0, progress=stats)
-    assert stats.computed_tokens < 0.8 * stats.real_tokens  # prefixes really shared
-    for (ctx, resp), lp in zip(seqs, out):
-        np.testing.assert_allclose(lp, _direct(model, ctx, resp), atol=1e-5, rtol=0)
+    assert context_groups([([1, 2], [3]), ([4], [5]), ([1, 2], [6])]) == [[0, 2], [1]]
 
 
 def test_unsupported_models_use_rows():

@@ -7,14 +7,13 @@ rounding (tests/test_seqscore.py checks 1e-5 against one unbatched forward per s
 * **rows**: each sequence is one row. Rows are sorted by length (longest first) and cut into batches
   whose PADDED size ``rows x longest`` stays under ``batch_tokens``; the output head runs on response
   tokens only (``treg.method.logprobs.model_token_logps(positions=...)``), never on (B, T, V) logits.
-* **shared prefixes**: sequences whose contexts start with the same tokens form a group: identical
-  contexts (the plain prompt of a pair's chosen and rejected responses; instruction-mode better/worse
-  contexts, which both responses share) and contexts that differ only at the end (revision-mode
-  contexts of one prompt, which hold each response as the draft after a shared system prompt, query and
-  instructions). The common prefix (never a context's last token) runs ONCE into a KV cache; the cache
-  rows are copied to each member, which runs as ``[rest of its context] + response`` on top. A group of
-  k members then costs one prefix instead of k. Used when it saves at least ``MIN_SHARED_SAVING`` of
-  the tokens (SmolLM2's revision contexts with three responses per prompt: about a third).
+* **shared contexts**: sequences with identical context ids form a group (the plain prompt of a pair's
+  chosen and rejected responses; instruction-mode better/worse contexts, which both responses share).
+  The context minus its last token runs ONCE into a KV cache; the cache rows are copied to each
+  response, which runs as ``[last context token] + response`` on top. A group of k responses then
+  costs one context instead of k. Used when it saves at least ``MIN_SHARED_SAVING`` of the tokens
+  (the toy world's instruction template saves 29%; revision mode, whose contexts hold the draft
+  itself, about 1%, which would not pay for the masked attention the cached path needs).
 
 The shared path is taken only for model types in ``SHARED_MODEL_TYPES`` (each checked equal to one
 full forward per sequence) without sliding-window layers, length-dependent RoPE or PEFT prompt learning
@@ -63,44 +62,12 @@ def plan_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-def _common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def prefix_groups(seqs: list[tuple[list[int], list[int]]], batch_tokens: int) -> list[tuple[int, list[int]]]:
-    """``(prefix_len, indices)`` groups of ``seqs`` whose contexts share their first ``prefix_len >= 1``
-    tokens (never a member's last context token, so that each member's first response token is predicted
-    inside its own continuation); single sequences are left out.
-
-    Contexts are sorted, so sequences sharing a prefix are adjacent; a run is extended by the next
-    sequence while that does not lower the tokens it saves, ``(k - 1) * prefix_len``, and while its
-    continuations fit ``batch_tokens`` (padded). Identical contexts thus always group; contexts of one
-    prompt that differ only at the end (a draft in a revision template) group on what they share."""
-    order = sorted(range(len(seqs)), key=lambda i: (seqs[i][0], i))
-    groups, cur, plen = [], [], 0
-
-    def close():
-        if len(cur) > 1 and plen >= 1:
-            groups.append((plen, list(cur)))
-
-    for i in order:
-        ctx = seqs[i][0]
-        if cur:
-            p = min(plen, _common_prefix(seqs[cur[0]][0], ctx), len(ctx) - 1)
-            width = max(len(seqs[j][0]) + len(seqs[j][1]) - p for j in (*cur, i))
-            if p >= 1 and len(cur) * p >= (len(cur) - 1) * plen and (len(cur) + 1) * width + p <= batch_tokens:
-                cur.append(i)
-                plen = p
-                continue
-            close()
-        cur, plen = [i], len(ctx) - 1
-    close()
-    return groups
+def context_groups(seqs: list[tuple[list[int], list[int]]]) -> list[list[int]]:
+    """Indices of ``seqs`` grouped by identical context ids (first-appearance order)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(seqs):
+        groups.setdefault(tuple(ctx), []).append(i)
+    return list(groups.values())
 
 
 def plan_groups(prefix_lens: list[int], leaf_lens: list[list[int]], batch_tokens: int) -> list[list[int]]:
@@ -173,10 +140,10 @@ def score_sequences(model, seqs: list[tuple[list[int], list[int]]], *, batch_tok
     -> float32 arrays of length ``len(response_ids)`` (``out[t] = log p(y_t | context, y_<t)``).
     ``share``: allow the shared-context path (module docstring); it is taken only where it pays."""
     results: list[np.ndarray | None] = [None] * len(seqs)
-    groups = prefix_groups(seqs, batch_tokens) if share else []
+    groups = [g for g in context_groups(seqs) if len(g) > 1 and len(seqs[g[0]][0]) > 1]
     total = sum(len(c) + len(r) for c, r in seqs)
-    saved = sum((len(g) - 1) * p for p, g in groups)
-    if groups and saved >= MIN_SHARED_SAVING * total and shared_unsupported(model) is None:
+    saved = sum((len(g) - 1) * (len(seqs[g[0]][0]) - 1) for g in groups)
+    if share and groups and saved >= MIN_SHARED_SAVING * total and shared_unsupported(model) is None:
         try:
             _score_shared(model, seqs, groups, results, batch_tokens, pad_id, progress)
         except (AttributeError, TypeError, ValueError, NotImplementedError) as err:  # not OOM: that is the user's
@@ -224,15 +191,15 @@ def _count(progress: Progress | None, t0: float, *, real: int, computed: int, pa
 
 
 def _score_shared(model, seqs, groups, results, batch_tokens, pad_id, progress) -> None:
-    """Fill ``results`` for the sequences in ``groups`` (each: ``(prefix_len, indices)``)."""
-    prefix_lens = [p for p, _ in groups]
-    leaf_lens = [[len(seqs[i][0]) - p + len(seqs[i][1]) for i in g] for p, g in groups]
+    """Fill ``results`` for the sequences in ``groups`` (each: indices sharing one context)."""
+    prefix_lens = [len(seqs[g[0]][0]) - 1 for g in groups]
+    leaf_lens = [[1 + len(seqs[i][1]) for i in g] for g in groups]
     for batch in plan_groups(prefix_lens, leaf_lens, batch_tokens):
         t0 = time.perf_counter()
         members = [groups[g] for g in batch]
         out = _shared_batch(model, seqs, members, pad_id)
-        flat = [i for _, m in members for i in m]
         if model not in _VERIFIED:  # first shared batch of this model: check against the rows path
+            flat = [i for m in members for i in m]
             ref = _score_rows(model, [seqs[i] for i in flat], batch_tokens, pad_id, None)
             diff = np.concatenate([np.abs(a - out[i]) for a, i in zip(ref, flat)])
             half = next(model.parameters()).dtype != torch.float32
@@ -246,7 +213,7 @@ def _score_shared(model, seqs, groups, results, batch_tokens, pad_id, progress) 
             results[i] = lp
         tp = max(prefix_lens[g] for g in batch)
         tl = max(n for g in batch for n in leaf_lens[g])
-        _count(progress, t0, real=sum(len(seqs[i][0]) + len(seqs[i][1]) for i in flat),
+        _count(progress, t0, real=sum(len(seqs[i][0]) + len(seqs[i][1]) for m in members for i in m),
                computed=sum(prefix_lens[g] + sum(leaf_lens[g]) for g in batch),
                padded=len(batch) * tp + sum(len(leaf_lens[g]) for g in batch) * tl)
 
@@ -258,12 +225,12 @@ def _disable(model, reason: str) -> None:
                   RuntimeWarning, stacklevel=4)
 
 
-def _shared_batch(model, seqs, members: list[tuple[int, list[int]]], pad_id: int) -> dict[int, np.ndarray]:
-    """One shared-prefix batch: each group's common prefix into a KV cache, then each member's
-    continuation ``context[prefix_len:] + response`` on the cache row of its group."""
+def _shared_batch(model, seqs, members: list[list[int]], pad_id: int) -> dict[int, np.ndarray]:
+    """One shared-context batch: prefixes (contexts minus their last token) into a KV cache, then the
+    leaves ``[last context token] + response`` on the cache rows of their group."""
     from treg.method.logprobs import cache_argument, model_token_logps
     device = next(model.parameters()).device
-    prefixes = [seqs[m[0]][0][:p] for p, m in members]
+    prefixes = [seqs[m[0]][0][:-1] for m in members]
     tp = max(map(len, prefixes))
     pids = torch.full((len(members), tp), pad_id, dtype=torch.long)
     pmask = torch.zeros((len(members), tp), dtype=torch.long)
@@ -275,22 +242,16 @@ def _shared_batch(model, seqs, members: list[tuple[int, list[int]]], pad_id: int
     kw = cache_argument(model)
     out = model(input_ids=pids, attention_mask=torch.ones_like(pids), use_cache=True, logits_to_keep=1)
     cache = getattr(out, kw)
-    leaves = [(j, i, p) for j, (p, m) in enumerate(members) for i in m]
-    rows = torch.tensor([j for j, _, _ in leaves], device=device)
+    leaves = [(j, i) for j, m in enumerate(members) for i in m]
+    rows = torch.tensor([j for j, _ in leaves], device=device)
     cache.reorder_cache(rows)                         # (n_groups, ...) -> (n_leaves, ...) per layer
-    conts = [seqs[i][0][p:] + seqs[i][1] for _, i, p in leaves]
-    width = max(map(len, conts))
+    width = max(1 + len(seqs[i][1]) for _, i in leaves)
     ids = torch.full((len(leaves), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(leaves), width), dtype=torch.long)
-    wanted = torch.zeros((len(leaves), width), dtype=torch.bool)  # response tokens only: no head elsewhere
-    for k, (cont, (_, i, p)) in enumerate(zip(conts, leaves)):
-        ids[k, :len(cont)] = torch.tensor(cont, dtype=torch.long)
-        mask[k, :len(cont)] = 1
-        wanted[k, len(seqs[i][0]) - p:len(cont)] = True
-    ids, mask, wanted = ids.to(device), mask.to(device), wanted.to(device)
-    logps = model_token_logps(model, ids, mask, prefix=(cache, pmask[rows]), positions=wanted).cpu().numpy()
-    out = {}
-    for k, (_, i, p) in enumerate(leaves):
-        start = len(seqs[i][0]) - p  # first response position in the continuation
-        out[i] = logps[k, start:start + len(seqs[i][1])].copy()
-    return out
+    for k, (j, i) in enumerate(leaves):
+        ctx, resp = seqs[i]
+        ids[k, :1 + len(resp)] = torch.tensor(ctx[-1:] + resp, dtype=torch.long)
+        mask[k, :1 + len(resp)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    logps = model_token_logps(model, ids, mask, prefix=(cache, pmask[rows])).cpu().numpy()
+    return {i: logps[k, 1:1 + len(seqs[i][1])].copy() for k, (_, i) in enumerate(leaves)}
