@@ -38,7 +38,7 @@ from treg.io.schema import IDS, PROMPT, REF_SUM, REF_TOK, REWARD_COLUMNS, SIDES,
 from treg.errors import TregError
 from treg.io.loading import pad_token_id
 from treg.method.losses import PREFERENCE_LOSSES, needs_token_rewards, treg_loss
-from treg.method.logprobs import model_token_logps
+from treg.io.packing import make_collator, token_logps
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class TRegTrainer(Trainer):
         live_copy = None  # full fine-tuning scored against the reference every step: a frozen copy
         if needs_ref and not in_data and not args.precompute_ref_log_probs and not is_peft_model(model):
             live_copy = copy.deepcopy(model).eval().requires_grad_(False)
-        collator = PairCollator(pad_id, args.max_length, args.truncation_mode, args.pad_to_multiple_of)
+        collator = make_collator(args, pad_id)  # PairCollator, or PackedPairCollator with padding_free
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
@@ -171,10 +171,9 @@ class TRegTrainer(Trainer):
     # ---------------------------------------------------------------------------------------
     def _token_logps(self, model, batch) -> torch.Tensor:
         """(2B, L) float32 log p(ids[t] | ids[<t]) at response positions of the collated batch, 0 elsewhere."""
-        return model_token_logps(model, batch["input_ids"], batch["attention_mask"],
-                                 positions=batch["response_mask"].bool(),  # no output head on prompt tokens
-                                 chunk_size=self.args.logprob_chunk_size or 512,
-                                 naive=self.args.logprob_chunk_size == 0)
+        # padded or packed (padding_free: computed on the packed row, scattered back to (2B, L))
+        return token_logps(model, batch, chunk_size=self.args.logprob_chunk_size or 512,
+                           naive=self.args.logprob_chunk_size == 0)
 
     def _reference_context(self, model):
         """The initial model: PEFT adapters off; otherwise the model itself (before training)."""
