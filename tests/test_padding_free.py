@@ -90,6 +90,28 @@ def test_token_logps_and_gradients_equal_padded(kind, impl, chunk):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-6 * float(x.abs().max()))
 
 
+@pytest.mark.parametrize("wrap", ["lora", "checkpointing"])
+def test_lora_and_gradient_checkpointing_packed_equal_padded(wrap):
+    model = tiny("llama", "sdpa", seed=4)
+    if wrap == "lora":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    else:
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch_rows = rows(3, seed=4, response=(1, 10))
+    out = []
+    for collator in (PairCollator(0), PackedPairCollator(0)):
+        lp = token_logps(model, collator(batch_rows), chunk_size=4)
+        out.append((lp, torch.autograd.grad(lp.sum(), params)))
+    (a, ga), (b, gb) = out
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    for x, y in zip(ga, gb):
+        assert x.abs().sum() > 0 and torch.allclose(x, y, rtol=1e-5, atol=1e-6 * float(x.abs().max()))
+
+
 def _trainer(model, tok, tmp_path, packed: bool, data=None, **kw):
     kw = {"alpha": 0.25, **kw}
     return TRegTrainer(model, config(tmp_path / ("packed" if packed else "padded"), padding_free=packed, **kw),
