@@ -121,6 +121,9 @@ def main(argv=None) -> None:
     for kind in collators:
         print(f"| {kind} | {med[kind]:.2f} | {tokens[kind][0] / tokens[kind][1]:.3f} |")
     print(f"| **padding-free / padded step time** (target <= 0.7) | {med['padding-free'] / med['padded']:.3f} | |")
+    per_step = [f"{a / b:.3f}" for a, b in zip(times["padding-free"], times["padded"])]
+    print(f"\nper-step ratios (same pairs): {', '.join(per_step)}; ratio of summed times "
+          f"{sum(times['padding-free']) / sum(times['padded']):.3f}")
 
 
 if __name__ == "__main__":

@@ -195,10 +195,26 @@ def test_mask_that_ignores_packing_is_refused(monkeypatch):
     import transformers.masking_utils as mu
     monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
     with pytest.raises(TregError, match="mixes packed sequences") as err:
-        check_packed_attention(tiny("llama", "sdpa", seed=1))
+        check_packed_attention(tiny("llama", "eager", seed=1))
     assert err.value.field == "padding_free"
     monkeypatch.undo()
-    check_packed_attention(tiny("llama", "sdpa", seed=2))        # the real one passes
+    check_packed_attention(tiny("llama", "eager", seed=2))       # the real one passes
+
+
+def test_sdpa_runs_one_sequence_at_a_time_and_is_restored(monkeypatch):
+    """On a packed row, sdpa layers attend per sequence (no N x N block mask); the model's config says
+    sdpa again afterwards; Qwen2's sliding-window layer keeps the masked path."""
+    import treg.io.packing as packing
+    calls = []
+    real = packing._segments
+    monkeypatch.setattr(packing, "_segments", lambda pos: calls.append(1) or real(pos))
+    for kind, layers in (("llama", 2), ("qwen2", 1)):
+        calls.clear()
+        model = tiny(kind, "sdpa", seed=5)
+        check_packed_attention(model)  # the probe (cached per model) first, so that only the batch is counted
+        calls.clear()
+        token_logps(model, PackedPairCollator(0)(rows(2)))
+        assert len(calls) == layers and model.config._attn_implementation == "sdpa"
 
 
 def test_unsupported_attention_refused_by_config_and_model(tmp_path):

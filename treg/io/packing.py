@@ -19,6 +19,7 @@ or positions ignore the packing -- never a silently wrong loss.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
 from dataclasses import dataclass
@@ -34,8 +35,9 @@ __all__ = ["PACKED_ATTENTION", "PackedPairCollator", "check_packed_attention", "
            "token_logps"]
 
 # Attention kernels whose mask (or varlen kernel) is built from packed position_ids in transformers 5.
-# A kernel listed here is still probed once per model (check_packed_attention).
-PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3",
+# A kernel listed here is still probed once per model (check_packed_attention). sdpa runs as treg_varlen_sdpa
+# on packed rows (varlen_sdpa): one sequence at a time instead of N x N scores under a block mask.
+PACKED_ATTENTION = ("sdpa", "treg_varlen_sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3",
                     "flash_attention_4")
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_index")
 
@@ -83,14 +85,82 @@ def token_logps(model: nn.Module, batch: dict[str, Tensor], *, chunk_size: int =
     if not is_packed(batch):
         return model_token_logps(model, batch["input_ids"], batch["attention_mask"],
                                  positions=batch["response_mask"].bool(), chunk_size=chunk_size, naive=naive)
-    check_packed_attention(model)
     index = batch["packed_index"]
     wanted = batch["response_mask"].reshape(-1)[index].bool()[None]        # (1, N): no head on prompt tokens
-    lp = model_token_logps(model, batch["packed_input_ids"], None, positions=wanted, chunk_size=chunk_size,
-                           naive=naive, position_ids=batch["packed_position_ids"])  # (1, N)
+    with varlen_sdpa(model):
+        check_packed_attention(model)
+        lp = model_token_logps(model, batch["packed_input_ids"], None, positions=wanted, chunk_size=chunk_size,
+                               naive=naive, position_ids=batch["packed_position_ids"])  # (1, N)
     shape = batch["response_mask"].shape
     out = torch.zeros(shape[0] * shape[1], dtype=lp.dtype, device=lp.device)
     return out.index_put((index,), lp[0]).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# sdpa, one sequence at a time
+# --------------------------------------------------------------------------------------------
+VARLEN_SDPA = "treg_varlen_sdpa"
+_last_segments: list = [None, None]  # (position_ids tensor, its segments): computed once per forward, not per layer
+
+
+def _segments(position_ids: Tensor) -> list[tuple[int, int]]:
+    """[(start, end)] of the sequences in one packed row of position ids (a new one wherever diff != 1)."""
+    if _last_segments[0] is position_ids:
+        return _last_segments[1]
+    cuts = ((torch.diff(position_ids[0]) != 1).nonzero().flatten() + 1).tolist()
+    bounds = list(zip([0, *cuts], [*cuts, position_ids.shape[-1]]))
+    _last_segments[:] = [position_ids, bounds]
+    return bounds
+
+
+def varlen_sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                                  is_causal=None, **kwargs):
+    """transformers' sdpa attention, but a packed row (batch 1, position ids restarting) is attended one
+    sequence at a time with ``is_causal`` (sum of n_i^2 scores instead of N^2 under a block-diagonal mask).
+    Anything else (padded rows, sliding-window layers, decoding) is plain sdpa with the model's mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    pos = kwargs.get("position_ids")
+    n = query.shape[2]
+    plain = (pos is None or pos.dim() != 2 or pos.shape[0] != 1 or query.shape[0] != 1 or key.shape[2] != n
+             or pos.shape[-1] != n or getattr(module, "sliding_window", None) is not None)
+    bounds = None if plain else _segments(pos)
+    if bounds is None or len(bounds) == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, dropout=dropout,
+                                   scaling=scaling, is_causal=True, **kwargs)[0] for s, e in bounds]
+    return torch.cat(outs, 1), None                                      # (1, N, heads, head_dim)
+
+
+def _register_varlen() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    if VARLEN_SDPA not in AttentionInterface._global_mapping:
+        AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention_forward)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)
+
+
+@contextlib.contextmanager
+def varlen_sdpa(model: nn.Module):
+    """While inside: a model on ``sdpa`` uses :func:`varlen_sdpa_attention_forward` (the same masks, so the
+    same values; restored on exit, so a saved config still says sdpa). Not under gradient checkpointing:
+    the backward's recomputation runs outside and must save what the forward saved, so there sdpa keeps
+    the packed block mask (same values, N^2 work)."""
+    base = _unwrap(model)
+    configs = {id(m.config): m.config for m in base.modules()
+               if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"}
+    if not configs or getattr(base, "is_gradient_checkpointing", False):
+        yield
+        return
+    _register_varlen()
+    for config in configs.values():
+        config._attn_implementation = VARLEN_SDPA
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config._attn_implementation = "sdpa"
+        _last_segments[:] = [None, None]
 
 
 # --------------------------------------------------------------------------------------------
