@@ -149,7 +149,10 @@ def varlen_sdpa(model: nn.Module):
     base = _unwrap(model)
     configs = {id(m.config): m.config for m in base.modules()
                if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"}
-    if not configs or getattr(base, "is_gradient_checkpointing", False):
+    checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5.x name
+    if checkpointing is None:
+        checkpointing = getattr(base, "is_gradient_checkpointing", False)
+    if not configs or checkpointing:
         yield
         return
     _register_varlen()
