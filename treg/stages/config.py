@@ -75,9 +75,8 @@ class TRegConfig(TrainingArguments):
                                             "fills max_length are dropped); keep_end: keep the last ones.",
                               choices=["keep_start", "keep_end"])
     pad_to_multiple_of: int | None = _f(None, "Pad batch length to a multiple of this (e.g. 8 on tensor cores).")
-    padding_free: bool = _f(False, "Pack the 2B sequences of a batch into one row with position_ids restarting per "
-                                   "sequence, so no padding token is computed (TRL's name; sdpa/eager/flex or "
-                                   "flash-attention; other models are refused). Same loss as padded batches.")
+    padding_free: bool = _f(False, "Pack each batch into one row, position_ids restarting per sequence: no "
+                                   "padding computed, same loss.")
 
     # -- the method (METHOD.md §3-§5)
     method: str = _f("dpo", _choices_help("Pairwise loss (treg.method.losses.PREFERENCE_LOSSES).", PREFERENCE_LOSSES),
