@@ -243,3 +243,13 @@ def test_smollm2_packed_equals_padded():
     assert torch.allclose(a.sum(1), b.sum(1), rtol=1e-5) and torch.allclose(a, b, atol=1e-4)
     for x, y in zip(ga, gb):
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-5 * float(x.abs().max()))
+
+
+def test_probe_in_bfloat16_accepts_sound_and_refuses_broken_masks(monkeypatch):
+    """Half precision: the probe's tolerance is relative to what attending across the boundary changes."""
+    for impl in ("sdpa", "eager"):
+        check_packed_attention(tiny("llama", impl, seed=7).to(torch.bfloat16))
+    import transformers.masking_utils as mu
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(TregError, match="mixes packed sequences"):
+        check_packed_attention(tiny("llama", "eager", seed=8).to(torch.bfloat16))
