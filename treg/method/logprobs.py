@@ -293,9 +293,9 @@ def _naive_token_logps(model, input_ids, attention_mask, targets, extra, stats=N
     return torch.where(ignored, torch.zeros_like(lp), lp)
 
 
-def model_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, chunk_size: int = 512,
+def model_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, *, chunk_size: int = 512,
                       naive: bool = False, positions: Tensor | None = None, prefix=None,
-                      stats: dict | None = None) -> Tensor:
+                      position_ids: Tensor | None = None, stats: dict | None = None) -> Tensor:
     """float32 (B, L): out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]); out[:, 0] = 0 and 0 where
     attention_mask is 0 (also at a left-padded row's first real token, which has no context).
     Differentiable w.r.t. the model's parameters. input_ids, attention_mask: (B, L), right or left padded.
@@ -309,17 +309,28 @@ def model_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     ``input_ids`` must then be right padded; positions continue from each row's real prefix length
     (treg.method.seqscore's shared-context path).
 
+    position_ids: optional (B, L), packed rows (treg.io.packing): several sequences per row, each
+    starting at position 0; ``attention_mask`` must be None (the model separates the sequences from
+    the positions) and a token is scored when its position is > 0 (its context is in its sequence).
+
     stats: optional dict, filled with (B, L) float32 no-grad tensors aligned like the output (0 where
     the output is 0): ``entropy``, ``mean_logit`` and ``is_top1`` (see :data:`STATS`), from the same
     head tiles (no extra forward, no (B, T, V) logits on the chunked path)."""
     batch, length = input_ids.shape
-    scored = (attention_mask[:, 1:] != 0) & (attention_mask[:, :-1] != 0)        # token and its context
+    if position_ids is not None:
+        if attention_mask is not None or prefix is not None:
+            raise ValueError("position_ids (packed rows) go without attention_mask and prefix")
+        scored = position_ids[:, 1:] > 0                                          # token has context
+    else:
+        scored = (attention_mask[:, 1:] != 0) & (attention_mask[:, :-1] != 0)    # token and its context
     if positions is not None:
         if tuple(positions.shape) != (batch, length):
             raise ValueError(f"positions must have shape {(batch, length)}, got {tuple(positions.shape)}")
         scored = scored & positions[:, 1:].bool()
     targets = input_ids[:, 1:].masked_fill(~scored, IGNORE_INDEX)                 # (B, L-1)
-    if prefix is None:
+    if position_ids is not None:
+        extra = {"position_ids": position_ids}
+    elif prefix is None:
         extra = _position_kwargs(attention_mask)
     else:                                        # (B, P) cached positions, then these L tokens
         cache, prefix_mask = prefix

@@ -26,6 +26,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from treg.errors import TregError
 from treg.io.loading import DTYPES
+from treg.io.packing import PACKED_ATTENTION
 from treg.method.losses import PREFERENCE_LOSSES, WEIGHTINGS
 from treg.validate import check_fields
 
@@ -87,6 +88,8 @@ class TRegConfig(TrainingArguments):
                                             "fills max_length are dropped); keep_end: keep the last ones.",
                               choices=["keep_start", "keep_end"])
     pad_to_multiple_of: int | None = _f(None, "Pad batch length to a multiple of this (e.g. 8 on tensor cores).")
+    padding_free: bool = _f(False, "Pack each batch into one row, position_ids restarting per sequence: no "
+                                   "padding computed, same loss.")
 
     # -- the method (METHOD.md §3-§5)
     method: str = _f("dpo", _choices_help("Pairwise loss (treg.method.losses.PREFERENCE_LOSSES).", PREFERENCE_LOSSES),
@@ -151,6 +154,9 @@ class TRegConfig(TrainingArguments):
             (self.dtype in DTYPES, "dtype", f"unknown dtype '{self.dtype}' (choose {', '.join(DTYPES)})"),
             (self.truncation_mode in ("keep_start", "keep_end"), "truncation_mode",
              f"unknown truncation_mode '{self.truncation_mode}' (choose keep_start, keep_end)"),
+            (not self.padding_free or self.attn_implementation in (None, *PACKED_ATTENTION), "padding_free",
+             f"padding_free needs an attention that separates packed sequences ({', '.join(PACKED_ATTENTION)}), "
+             f"not attn_implementation '{self.attn_implementation}'"),
             (self.gamma == 0 or self.method not in PREFERENCE_LOSSES or PREFERENCE_LOSSES[self.method].uses_gamma,
              "gamma", f"gamma={self.gamma} but method '{self.method}' has no target margin (leave gamma at 0)"),
         ]

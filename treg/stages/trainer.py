@@ -38,12 +38,12 @@ from transformers.trainer_utils import set_seed
 
 from treg.stages.config import TRegConfig
 from treg.stages.trl_data import check_args, eval_list, map_eval, prepare_dataset, resolve_model
-from treg.io.data import PairCollator, truncate_pairs
+from treg.io.data import truncate_pairs
 from treg.io.schema import IDS, PROMPT, REF_SUM, REF_TOK, REWARD_COLUMNS, SIDES
 from treg.errors import TregError
 from treg.io.loading import pad_token_id
 from treg.method.losses import PREFERENCE_LOSSES, treg_loss
-from treg.method.logprobs import model_token_logps
+from treg.io.packing import make_collator, token_logps
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +182,7 @@ class TRegTrainer(Trainer):
         if ref_model is None and needs_ref and not in_data and not args.precompute_ref_log_probs \
                 and not is_peft_model(model):
             ref_model = copy.deepcopy(model)  # full fine-tuning scored against the reference every step
-        collator = data_collator or PairCollator(pad_id, args.max_length, args.truncation_mode,
-                                                 args.pad_to_multiple_of)
+        collator = data_collator or make_collator(args, pad_id)  # PairCollator, or PackedPairCollator (padding_free)
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers)
@@ -203,11 +202,10 @@ class TRegTrainer(Trainer):
     # ---------------------------------------------------------------------------------------
     def _token_logps(self, model, batch, stats: dict | None = None) -> torch.Tensor:
         """(2B, L) float32 log p(ids[t] | ids[<t]) at response positions of the collated batch, 0 elsewhere;
-        ``stats``: filled with per-token entropy / mean logit / top-1 (treg.method.logprobs.STATS)."""
-        return model_token_logps(model, batch["input_ids"], batch["attention_mask"],
-                                 positions=batch["response_mask"].bool(),  # no output head on prompt tokens
-                                 chunk_size=self.args.logprob_chunk_size or 512,
-                                 naive=self.args.logprob_chunk_size == 0, stats=stats)
+        padded or packed (padding_free: computed on the packed row, scattered back to (2B, L)). ``stats``:
+        filled with per-token entropy / mean logit / top-1 (treg.method.logprobs.STATS)."""
+        return token_logps(model, batch, chunk_size=self.args.logprob_chunk_size or 512,
+                           naive=self.args.logprob_chunk_size == 0, stats=stats)
 
     def _reference_context(self, model):
         """The initial model: PEFT adapters off; otherwise the model itself (before training)."""
