@@ -86,7 +86,7 @@ def main(argv=None) -> None:
         cfg = TRegConfig(output_dir=out, per_device_train_batch_size=args.batch, alpha=0.25, max_length=None,
                          report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", padding_free=True,
                          learning_rate=1e-7)
-        trainer = TRegTrainer(model, cfg, data, processing_class=tok)
+        trainer = TRegTrainer(model, args=cfg, train_dataset=data, processing_class=tok)
         trainer.create_optimizer()
         trainer.current_gradient_accumulation_steps = 1  # set by train(); training_step divides by it
         model = trainer.model.train()

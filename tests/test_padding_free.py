@@ -114,9 +114,9 @@ def test_lora_and_gradient_checkpointing_packed_equal_padded(wrap):
 
 def _trainer(model, tok, tmp_path, packed: bool, data=None, **kw):
     kw = {"alpha": 0.25, **kw}
-    return TRegTrainer(model, config(tmp_path / ("packed" if packed else "padded"), padding_free=packed, **kw),
-                       make_pairs(16, vocab=V) if data is None else data, eval_dataset=make_pairs(6, seed=3, vocab=V),
-                       processing_class=tok)
+    return TRegTrainer(model, args=config(tmp_path / ("packed" if packed else "padded"), padding_free=packed, **kw),
+                       train_dataset=make_pairs(16, vocab=V) if data is None else data,
+                       eval_dataset=make_pairs(6, seed=3, vocab=V), processing_class=tok)
 
 
 @pytest.mark.parametrize("kind,impl", [("llama", "sdpa"), ("qwen2", "sdpa"), ("gemma2", "eager")])

@@ -88,7 +88,7 @@ class TRegConfig(TrainingArguments):
                                             "fills max_length are dropped); keep_end: keep the last ones.",
                               choices=["keep_start", "keep_end"])
     pad_to_multiple_of: int | None = _f(None, "Pad batch length to a multiple of this (e.g. 8 on tensor cores).")
-    padding_free: bool = _f(False, "Pack each batch into one row (no padding computed; same loss).")
+    padding_free: bool = _f(False, "Pack each batch in one row: no padding computed.")
 
     # -- the method (METHOD.md §3-§5)
     method: str = _f("dpo", _choices_help("Pairwise loss (treg.method.losses.PREFERENCE_LOSSES).", PREFERENCE_LOSSES),
