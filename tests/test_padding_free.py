@@ -140,7 +140,7 @@ def test_trainer_loss_metrics_gradients_reference_equal(kind, impl, tok, tmp_pat
     assert torch.allclose(l0, l1, rtol=1e-5)
     assert set(m0) == set(m1)
     for key in m0:
-        assert m0[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
+        assert float(m0[key]) == pytest.approx(float(m1[key]), rel=1e-5, abs=1e-6), key  # floats or 0-d tensors
     for x, y in zip(g0, g1):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-6 * float(x.abs().max()))
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
