@@ -133,7 +133,8 @@ def _load(path: str):
     return load(path)
 
 
-def train_policy(cfg: DemoConfig, name: str, dataset, *, lr: float, alpha: float, seed: int, workdir: str):
+def train_policy(cfg: DemoConfig, name: str, dataset, *, lr: float, alpha: float, seed: int, workdir: str,
+                 callbacks: list | None = None):
     """Train one method from the checkpoint through TRegTrainer; returns (model, log_history)."""
     from treg.stages.config import TRegConfig
     from treg.stages.trainer import TRegTrainer
@@ -146,7 +147,7 @@ def train_policy(cfg: DemoConfig, name: str, dataset, *, lr: float, alpha: float
         save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, data_seed=seed,
         use_cpu=True, max_length=128, dataloader_num_workers=0, logging_strategy="steps")
     model, tok = _load(cfg.model)
-    trainer = TRegTrainer(model, args=args, train_dataset=dataset, processing_class=tok)
+    trainer = TRegTrainer(model, args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks)
     from transformers import PrinterCallback
     trainer.remove_callback(PrinterCallback)  # logs stay in memory (trainer.state.log_history)
     trainer.train()
