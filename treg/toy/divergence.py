@@ -63,7 +63,8 @@ def probe_metrics(model, probe, theta0) -> dict:
             "rejected_delta": float(side_d["rejected"].mean()), "param_drift": drift, "n_neg_tokens": int(neg.size)}
 
 
-def run(seeds: list[int], lrs: list[float], alpha: float, probe_pairs: int, threads: int | None) -> list[dict]:
+def run(seeds: list[int], lrs: list[float], alpha: float, probe_pairs: int, threads: int | None,
+        method: str = "dpo_reg") -> list[dict]:
     import torch
     from transformers import TrainerCallback
     from treg.toy import checkpoint_path, demo, pipeline
@@ -88,19 +89,20 @@ def run(seeds: list[int], lrs: list[float], alpha: float, probe_pairs: int, thre
                 def on_log(self, args, state, control, model=None, logs=None, **kw):
                     if logs and "treg/pref_loss" in logs:
                         pref, reg, w = logs["treg/pref_loss"], logs["treg/reg_loss"], logs["treg/seq_weight"]
-                        share = abs(alpha * w * reg) / (abs(pref) + abs(alpha * w * reg))
+                        a = alpha if demo.METHODS[method]["reg"] else 0.0
+                        share = abs(a * w * reg) / (abs(pref) + abs(a * w * reg))
                         series.append({"step": state.global_step, "loss": logs.get("loss"), "pref_loss": pref,
                                        "reg_loss": reg, "seq_weight": w, "reg_share": share,
                                        "grad_norm": logs.get("grad_norm"), **probe_metrics(model, probe, theta0)})
 
             with tempfile.TemporaryDirectory() as workdir:
-                model, _ = demo.train_policy(cfg, "dpo_reg", dataset, lr=lr, alpha=alpha, seed=seed,
+                model, _ = demo.train_policy(cfg, method, dataset, lr=lr, alpha=alpha, seed=seed,
                                              workdir=workdir, callbacks=[Probe()])
             recs = pipeline.evaluate(model, tok, eval_rows, n=cfg.eval_samples, seed=cfg.eval_seed)
-            res = {"seed": seed, "lr": lr, "alpha": alpha, "eval_reward": pipeline.summarize(recs)["reward"],
+            res = {"method": method, "seed": seed, "lr": lr, "alpha": alpha, "eval_reward": pipeline.summarize(recs)["reward"],
                    "series": series}
             results.append(res)
-            print(f"seed {seed} lr {lr:g}: eval reward {res['eval_reward']:.4f}", flush=True)
+            print(f"{method} seed {seed} lr {lr:g}: eval reward {res['eval_reward']:.4f}", flush=True)
             print("  step   loss  pref    reg   w    share  gnorm  neg_d   pos_d   negp05  ch_d    rj_d    drift")
             for s in series[::2] + ([series[-1]] if len(series) % 2 == 0 else []):
                 print(f"  {s['step']:>4} {s['loss']:6.3f} {s['pref_loss']:5.3f} {s['reg_loss']:6.3f} "
@@ -115,12 +117,13 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="1,3")
     p.add_argument("--lrs", default="5e-5,1e-4")
     p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--method", default="dpo_reg", help="a treg demo method (default dpo_reg)")
     p.add_argument("--probe-pairs", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     res = run([int(s) for s in a.seeds.split(",")], [float(v) for v in a.lrs.split(",")], a.alpha,
-              a.probe_pairs, a.threads)
+              a.probe_pairs, a.threads, a.method)
     if a.out:
         from treg.io.fsutil import atomic_write_text
         atomic_write_text(a.out, json.dumps(res, indent=1))
