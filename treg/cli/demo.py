@@ -51,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"SimPO margin gamma (default {d.simpo_gamma:g})")
     p.add_argument("--tune-prompts", type=int, default=d.tune_prompts,
                    help=f"prompts used to pick lr/alpha when several are given (default {d.tune_prompts})")
+    from treg.toy.protocol import PICK_RULES, PROTOCOLS, TUNE_SEED_OFFSET
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default=d.protocol,
+                   help="shared: as described under --lrs (tuning on seed 0); tuned: every method gets the same "
+                        "number of grid points, each run on --tune-seeds tuning seeds (own prompts, seeds "
+                        f"{TUNE_SEED_OFFSET}+) and picked by --pick, then evaluated on the --seeds test seeds, "
+                        "with differences to DPO paired by seed and prompt (docs/results.md) "
+                        "(default %(default)s)")
+    p.add_argument("--tune-seeds", type=int, default=d.tune_seeds,
+                   help=f"tuning seeds per grid point with --protocol tuned (default {d.tune_seeds})")
+    p.add_argument("--pick", choices=list(PICK_RULES), default=d.pick,
+                   help="how --protocol tuned scores a grid point from its tuning-seed rewards: their mean, or "
+                        "mean minus one sample std; the highest wins (default %(default)s)")
     p.add_argument("--model", default=None, help="toy checkpoint directory (default: the shipped one)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print only where the report is")

@@ -86,6 +86,9 @@ class DemoConfig:
     eval_seed: int = 999_983
     threads: int | None = None
     quiet: bool = False
+    protocol: str = "shared"
+    tune_seeds: int = 3
+    pick: str = "mean"
 
     def methods(self) -> list[str]:
         return list(BASE + ABLATIONS) if self.ablations else list(BASE)
@@ -95,6 +98,15 @@ class DemoConfig:
                      "tune_prompts"):
             if getattr(self, name) < 1:
                 raise TregError("must be >= 1", field=f"--{name.replace('_', '-')}")
+        from treg.toy.protocol import PICK_RULES, PROTOCOLS, TUNE_SEED_OFFSET
+        if self.protocol not in PROTOCOLS:
+            raise TregError(f"unknown protocol (choose from {', '.join(PROTOCOLS)})", field="--protocol")
+        if self.pick not in PICK_RULES:
+            raise TregError(f"unknown pick rule (choose from {', '.join(PICK_RULES)})", field="--pick")
+        if self.tune_seeds < 1:
+            raise TregError("must be >= 1", field="--tune-seeds")
+        if self.seeds > TUNE_SEED_OFFSET:
+            raise TregError(f"at most {TUNE_SEED_OFFSET} test seeds (tuning seeds start there)", field="--seeds")
         if self.n_samples < 2:
             raise TregError("at least 2 samples per prompt are needed for a pair", field="--n-samples")
         if not self.lrs or any(v <= 0 for v in self.lrs):
@@ -121,7 +133,8 @@ def _load(path: str):
     return load(path)
 
 
-def train_policy(cfg: DemoConfig, name: str, dataset, *, lr: float, alpha: float, seed: int, workdir: str):
+def train_policy(cfg: DemoConfig, name: str, dataset, *, lr: float, alpha: float, seed: int, workdir: str,
+                 callbacks: list | None = None):
     """Train one method from the checkpoint through TRegTrainer; returns (model, log_history)."""
     from treg.stages.config import TRegConfig
     from treg.stages.trainer import TRegTrainer
@@ -134,7 +147,7 @@ def train_policy(cfg: DemoConfig, name: str, dataset, *, lr: float, alpha: float
         save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, data_seed=seed,
         use_cpu=True, max_length=128, dataloader_num_workers=0, logging_strategy="steps")
     model, tok = _load(cfg.model)
-    trainer = TRegTrainer(model, args=args, train_dataset=dataset, processing_class=tok)
+    trainer = TRegTrainer(model, args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks)
     from transformers import PrinterCallback
     trainer.remove_callback(PrinterCallback)  # logs stay in memory (trainer.state.log_history)
     trainer.train()
@@ -240,7 +253,9 @@ def _run(cfg: DemoConfig, ref, tok, out: Path, t0: float, workdir: str) -> dict:
     _log(cfg, f"treg demo: {cfg.seeds} seed(s), methods {', '.join(cfg.methods())}, model {cfg.model}")
     ref_records = pipeline.evaluate(ref, tok, eval_rows, n=cfg.eval_samples, seed=cfg.eval_seed)
     _write_jsonl(out / "eval" / "reference" / "seed0.jsonl", ref_records)
-    chosen: dict[str, dict] = {}
+    from treg.toy.protocol import PROTOCOLS
+    chosen, protocol = PROTOCOLS[cfg.protocol](cfg, cfg.methods(), ref, tok, eval_queries, workdir,
+                                               lambda msg: _log(cfg, msg))
     pair_stats = []
     for seed in range(cfg.seeds):
         ts = time.time()
@@ -272,7 +287,7 @@ def _run(cfg: DemoConfig, ref, tok, out: Path, t0: float, workdir: str) -> dict:
             del model
     config = {**dataclasses.asdict(cfg), "methods": cfg.methods(),
               "chosen_hyperparameters": chosen, "pair_stats": pair_stats}
-    results = report.build_results(out, config=config, wall_seconds=time.time() - t0)
+    results = report.build_results(out, config=config, wall_seconds=time.time() - t0, protocol=protocol)
     report.write_reports(out, results)
     return results
 

@@ -84,13 +84,23 @@ def token_quality(out: Path) -> dict:
     return result
 
 
-def build_results(out: str | os.PathLike, *, config: dict, wall_seconds: float) -> dict:
+def paired_results(out: Path, names: list[str]) -> dict:
+    """Each method minus DPO, paired by test seed and prompt, with bootstrap 95% intervals."""
+    from treg.toy.protocol import paired_vs
+    per = {n: {_seed_of(p): _read_jsonl(p) for p in (out / "eval" / n).glob("seed*.jsonl")} for n in names}
+    return paired_vs(per, "dpo")
+
+
+def build_results(out: str | os.PathLike, *, config: dict, wall_seconds: float,
+                  protocol: dict | None = None) -> dict:
     """results.json content from the files under ``out``; also written there (atomically)."""
     out = Path(out)
     methods = {name: summarize_method(out / "eval" / name) for name in METHOD_ORDER
                if (out / "eval" / name).is_dir()}
     quality = token_quality(out)
     results = {
+        "protocol": protocol or {"name": config.get("protocol", "shared")},
+        "paired_vs_dpo": paired_results(out, list(methods)),
         "methods": methods,
         "reference": summarize_method(out / "eval" / "reference"),
         "token_reward_auroc": {"contrastive": quality["contrastive"]["auroc"],
@@ -142,6 +152,44 @@ METHOD_HEADER = ["method", "eval reward", "exact match", "length (tokens)", "see
 AUROC_HEADER = ["token reward", "AUROC correct vs bad", "vs incorrect", "vs filler", "seeds"]
 
 
+PAIRED_HEADER = ["method", "minus DPO (mean)", "95% bootstrap interval", "seeds better", "seeds x prompts"]
+
+
+def paired_rows(results: dict) -> list[list[str]]:
+    return [[f"{LABEL_NAMES.get(n, n)} (`{n}`)", f"{p['mean']:+.3f}", f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]",
+             f"{p['seeds_better']}/{p['n_seeds']}", f"{p['n_seeds']} x {p['n_prompts']}"]
+            for n, p in results.get("paired_vs_dpo", {}).items()]
+
+
+def tuning_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the tuned protocol's grid: one row per (method, lr, alpha)."""
+    proto = results["protocol"]
+    header = ["method", "lr", "alpha"] + [f"tune seed {s}" for s in proto["tune_seeds"]] + \
+        [f"score ({proto['pick_rule']})", "picked"]
+    rows = []
+    for name, trials in proto["tuning"].items():
+        pk = proto["picks"][name]
+        for t in trials:
+            mark = "yes" if (t["lr"], t["alpha"]) == (pk["lr"], pk["alpha"]) else ""
+            rows.append([name, f"{t['lr']:.3g}", f"{t['alpha']:g}"] + [f"{r:.3f}" for r in t["rewards"]] +
+                        [f"{t['score']:.3f}", mark])
+    return header, rows
+
+
+def protocol_markdown(results: dict) -> list[str]:
+    lines = []
+    if results.get("paired_vs_dpo"):
+        lines += ["## Difference to DPO, paired by test seed and prompt", "",
+                  _md_table(PAIRED_HEADER, paired_rows(results)), ""]
+    if results["protocol"].get("tuning"):
+        proto = results["protocol"]
+        header, rows = tuning_rows(results)
+        lines += [f"## Tuning grid (protocol `tuned`: tuning seeds {', '.join(map(str, proto['tune_seeds']))}; "
+                  f"test seeds {', '.join(map(str, proto['test_seeds']))}; pick rule `{proto['pick_rule']}`)", "",
+                  _md_table(header, rows), ""]
+    return lines
+
+
 def markdown(results: dict) -> str:
     cfg = results["config"]
     hp = ", ".join(f"{k}: lr {v['lr']:g}, alpha {v['alpha']:g}" for k, v in cfg["chosen_hyperparameters"].items())
@@ -155,6 +203,7 @@ def markdown(results: dict) -> str:
         _md_table(METHOD_HEADER, method_rows(results)), "",
         "## Token-reward quality against ground truth (training pairs)", "",
         _md_table(AUROC_HEADER, auroc_rows(results)), "",
+        *protocol_markdown(results),
         f"Hyperparameters per method: {hp}.", "",
         "Files: `results.json`, `eval/<method>/seed<s>.jsonl`, `tokens/seed<s>.jsonl`, `curves/`.", ""])
 
@@ -182,6 +231,39 @@ def _curves_png(out: Path, methods: list[str], key: str, title: str) -> str | No
     ax.set_xlabel("step")
     ax.set_title(title)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def sensitivity_png(results: dict) -> str | None:
+    """Tuning reward (mean over tuning seeds, bars: min..max) vs learning rate, one panel per method
+    and one line per alpha, as a base64 PNG (None without a tuned protocol)."""
+    tuning = results["protocol"].get("tuning")
+    if not tuning:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(tuning)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), dpi=90, sharey=True, squeeze=False)
+    for ax, (name, trials) in zip(axes[0], tuning.items()):
+        for alpha in sorted({t["alpha"] for t in trials}):
+            ts = sorted((t for t in trials if t["alpha"] == alpha), key=lambda t: t["lr"])
+            x = [t["lr"] for t in ts]
+            m = np.array([np.mean(t["rewards"]) for t in ts])
+            lo = m - np.array([min(t["rewards"]) for t in ts])
+            hi = np.array([max(t["rewards"]) for t in ts]) - m
+            ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=3, label=f"alpha {alpha:g}")
+        pk = results["protocol"]["picks"][name]
+        ax.axvline(pk["lr"], color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(LABEL_NAMES.get(name, name), fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("tuning reward (mean; bars min..max)")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -222,6 +304,15 @@ def html_report(out: Path, results: dict, n_heatmaps: int = 4) -> str:
     parts.append(f"<h1>treg demo report (toy world)</h1><p>{html.escape(md[2])}</p>")
     parts.append("<h2>Held-out evaluation (mean ± std over seeds)</h2>" + table(METHOD_HEADER, method_rows(results)))
     parts.append("<h2>Token-reward quality against ground truth</h2>" + table(AUROC_HEADER, auroc_rows(results)))
+    if results.get("paired_vs_dpo"):
+        parts.append("<h2>Difference to DPO, paired by test seed and prompt (bootstrap 95% interval)</h2>"
+                     + table(PAIRED_HEADER, paired_rows(results)))
+    if results["protocol"].get("tuning"):
+        parts.append("<h2>Sensitivity: tuning reward vs learning rate (protocol tuned)</h2>")
+        png = sensitivity_png(results) if _has_matplotlib() else None
+        if png:
+            parts.append(f'<img alt="sensitivity" class="sensitivity" src="data:image/png;base64,{png}">')
+        parts.append(table(*tuning_rows(results)))
     parts.append("<h2>Learning curves (mean over seeds)</h2>")
     from treg.extras import available, install_hint
     if not available("matplotlib"):  # the report is still written, without the plots, and says so
@@ -245,6 +336,11 @@ def html_report(out: Path, results: dict, n_heatmaps: int = 4) -> str:
                         parts.append(f"<div class='hm'><b>{side}, {key}:</b> {heatmap_html(rec, side, key)}</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _has_matplotlib() -> bool:
+    from treg.extras import available
+    return available("matplotlib")
 
 
 def write_reports(out: str | os.PathLike, results: dict) -> None:
