@@ -23,7 +23,8 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 SCRIPT = r'''
 import faulthandler, json, sys
-faulthandler.dump_traceback_later(170, exit=True)  # a hang shows its stack instead of timing out silently
+if __name__ == "__main__":  # the launched processes only: a hang shows its stack instead of timing out silently
+    faulthandler.dump_traceback_later(170, exit=True)  # (never in pytest, which exec()s this for one process)
 sys.path.insert(0, TESTS)
 import torch
 from treg.cli.train import shutdown
@@ -120,7 +121,8 @@ def test_treg_train_cli_under_accelerate_two_processes(tmp_path):
 # ------------------------------------------------------------------------------------------------
 REF_SCRIPT = r'''
 import faulthandler, json, os, sys
-faulthandler.dump_traceback_later(170, exit=True)
+if __name__ == "__main__":  # as above: not in the pytest process
+    faulthandler.dump_traceback_later(170, exit=True)
 sys.path.insert(0, TESTS)
 import torch
 torch.set_num_threads(1)
