@@ -16,13 +16,13 @@ Prints a markdown table (docs/benchmarks.md, section "drop-in").
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
+
+from _child import report, run_child  # benchmarks/_child.py (the script's own directory is on sys.path)
 
 WORDS = ("the model answers each question with a short and careful explanation of why this step follows from "
          "the previous one and what a reader should check next before trusting any number in it").split()
@@ -96,7 +96,7 @@ def child(args) -> dict:
 def main(argv=None) -> int:
     args = parse(argv)
     if args.child:
-        print("RESULT " + json.dumps(child(args)))
+        report(child(args))
         return 0
     raw = sys.argv[1:] if argv is None else list(argv)
     work = tempfile.mkdtemp(prefix="treg-dropin-")
@@ -108,14 +108,11 @@ def main(argv=None) -> int:
              "treg-cached": "TRegTrainer again (reference from the cache)"}
     res = {}
     for which, name in names.items():
-        proc = subprocess.run([sys.executable, __file__, *raw, "--workdir", work, "--child", which],
-                              capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(f"| {name} | failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]} | | |")
+        r, error = run_child(__file__, [*raw, "--workdir", work, "--child", which])
+        if r is None:
+            print(f"| {name} | failed: {error} | | |")
             continue
-        res[which] = r = json.loads(line[-1][7:])
+        res[which] = r
         print(f"| {name} | {r['setup_s']:.1f} | {r['total_s']:.1f} | {r['peak_mib']:.0f} |", flush=True)
     if "trl" in res and "treg" in res:
         t, o = res["trl"], res["treg"]

@@ -17,11 +17,11 @@ Prints a markdown table (copied into docs/benchmarks.md, section "trainer").
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
+
+from _child import report, run_child  # benchmarks/_child.py (the script's own directory is on sys.path)
 
 
 def parse(argv=None):
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         cfg = _json.loads(open(os.path.join(args.model, "config.json")).read())
         args.vocab, args.hidden, args.layers = cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"]
     if args.child:
-        print("RESULT " + json.dumps(child(args)))
+        report(child(args))
         return 0
     raw = sys.argv[1:] if argv is None else list(argv)
     mem = "peak GPU MiB (allocated)" if args.device == "cuda" else "peak RSS MiB (process)"
@@ -155,15 +155,10 @@ def main(argv=None) -> int:
     failed: dict[str, str] = {}
     for _ in range(args.rounds):  # interleaved, so slow phases of a shared machine hit every variant
         for which in names:
-            env = {**os.environ, "TQDM_DISABLE": "1"}
-            out = subprocess.run([sys.executable, __file__, *raw, "--child", which], capture_output=True,
-                                 text=True, env=env,
-                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode != 0 or not line:
-                failed[which] = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "?"
+            got, error = run_child(__file__, [*raw, "--child", which])
+            if got is None:
+                failed[which] = error
                 continue
-            got = json.loads(line[-1][7:])
             best = results.setdefault(which, got)
             best["step_ms"] = min(best["step_ms"], got["step_ms"])
             best["peak_mib"] = max(best["peak_mib"], got["peak_mib"])
