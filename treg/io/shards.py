@@ -47,6 +47,14 @@ SETTINGS_FILE = "settings.json"
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
 
 
+def changed_settings(new: dict, old) -> list[str]:
+    """Sorted names of the settings whose values differ between ``new`` and ``old`` (a recorded settings
+    dict, compared as JSON as it was written; anything but a dict counts as empty)."""
+    new = json.loads(json.dumps(new, sort_keys=True, default=str))
+    old = old if isinstance(old, dict) else {}
+    return sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
+
+
 class ShardedWriter:
     """Rows -> ``OUT/.shards/shard-%05d.parquet`` (atomic), then ``finalize`` -> a Dataset dir."""
 
@@ -106,9 +114,7 @@ class ShardedWriter:
 
     def _changed(self, old) -> list[str]:
         """Names of the settings that differ from ``old`` (as recorded in settings.json)."""
-        new = json.loads(json.dumps(self.settings, sort_keys=True, default=str))
-        old = old if isinstance(old, dict) else {}
-        return sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k)) or ["shard layout"]
+        return changed_settings(self.settings, old) or ["shard layout"]
 
     def _refuse(self, what: str):
         raise TregError(f"{what} with different settings; pass --overwrite to replace it, or choose "

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from treg.io.meta import META_FILE, path_fingerprint, stable_hash
+from treg.io.shards import SETTINGS_FILE, SHARD_DIR, changed_settings
 from treg.io.schema import REF_SUM, REF_TOK, REWARDS, SIDES
 from treg.stages.sharded import is_sharded
 
@@ -78,15 +79,14 @@ def warn_other_caches(out: Path, settings: dict) -> None:
         return
     latest = max(others, key=lambda p: p.stat().st_mtime)
     old = {}
-    for f in (latest / META_FILE, latest / ".shards" / "settings.json"):
+    for f in (latest / META_FILE, latest / SHARD_DIR / SETTINGS_FILE):
         if f.exists():
             try:
                 old = json.loads(f.read_text()).get("settings") or {}
             except (json.JSONDecodeError, OSError):
                 pass
             break
-    new = json.loads(json.dumps(settings, sort_keys=True, default=str))
-    changed = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k)) or ["unknown"]
+    changed = changed_settings(settings, old) or ["unknown"]
     logger.warning("reference cache %s was made for other settings (changed: %s): not used; computing %s",
                    latest, ", ".join(changed), out)
 
